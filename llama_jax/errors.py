@@ -1,0 +1,43 @@
+"""The project's exceptions: every user-facing error is a LlamaJaxError with a message that names the offending key, path or shape."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn, Sequence
+
+
+class LlamaJaxError(Exception):
+    """Base class: programs print `error: <message>` on one line and exit 2 instead of a traceback."""
+
+
+class ConfigError(LlamaJaxError):
+    """A config key that does not exist or a value that is impossible."""
+
+
+class TokenizerError(LlamaJaxError):
+    """A tokenizer file that is missing, unreadable or of the wrong kind."""
+
+
+class DataError(LlamaJaxError):
+    """A corpus, token store or batch request that cannot be served."""
+
+
+class CheckpointError(LlamaJaxError):
+    """A checkpoint that is missing, incomplete or does not match the model."""
+
+
+class ConversionError(LlamaJaxError):
+    """Weights whose names or shapes do not match the config, or an unknown format."""
+
+
+class ChatFormatError(LlamaJaxError):
+    """A conversation that breaks the chat format's rules."""
+
+
+def run_program(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> NoReturn:
+    """Run a program's main; a LlamaJaxError becomes one line on stderr and exit status 2."""
+    try:
+        status = main(sys.argv[1:] if argv is None else argv)
+    except LlamaJaxError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status or 0)
