@@ -8,11 +8,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llama_jax.chat import (
     EncodedDialog,
     Message,
+    PackedRows,
+    PackedSFTBatches,
+    pack_dialogs,
     dialog_prompt,
     encode_dialog,
     generation_stop_ids,
@@ -20,7 +24,7 @@ from llama_jax.chat import (
     validate_conversation,
     write_conversations,
 )
-from llama_jax.errors import ChatFormatError
+from llama_jax.errors import ChatFormatError, DataError
 
 
 class Llama2ByteTokenizer:
@@ -283,3 +287,100 @@ def test_write_then_read_keeps_train_markers(tmp_path):
     assert '"train": false' in path.read_text(encoding="utf-8")
     assert list(read_conversations(path)) == [conversation]
     validate_conversation(conversation)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing
+
+F, T = False, True
+PAD = 0
+
+
+def test_pack_dialogs_written_out():
+    dialogs = [
+        EncodedDialog([10, 11, 12, 13], [F, F, T, T]),  # 3 slots
+        EncodedDialog([20, 21, 22], [F, T, T]),  # 2 slots
+        EncodedDialog([30, 31, 32, 33, 34, 35], [F, F, F, T, T, T]),  # 5 slots: does not fit after the first two
+    ]
+    packed = pack_dialogs(dialogs, seq_len=6, pad_id=PAD)
+    np.testing.assert_array_equal(packed.tokens, [[10, 11, 12, 20, 21, PAD], [30, 31, 32, 33, 34, PAD]])
+    np.testing.assert_array_equal(packed.targets, [[11, 12, 13, 21, 22, PAD], [31, 32, 33, 34, 35, PAD]])
+    np.testing.assert_array_equal(packed.loss_mask, [[F, T, T, T, T, F], [F, F, T, T, T, F]])
+    np.testing.assert_array_equal(packed.segment_ids, [[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(packed.positions, [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 0]])
+    assert packed.tokens.dtype == np.int32 and packed.loss_mask.dtype == bool
+
+
+def test_overlong_conversation_is_truncated_with_a_warning_and_untrainable_one_dropped():
+    dialogs = [
+        EncodedDialog([1, 2, 3, 4, 5, 6, 7], [F, T, T, T, T, T, T]),
+        EncodedDialog([8, 9, 10, 11, 12, 13], [F, F, F, F, F, T]),  # the answer lies beyond seq_len + 1 tokens
+    ]
+    with pytest.warns(UserWarning) as caught:
+        packed = pack_dialogs(dialogs, seq_len=4, pad_id=PAD)
+    assert len(caught) == 2
+    assert "2 of 2 conversations are longer than seq_len + 1 = 5 tokens and were truncated" in str(caught[0].message)
+    assert "1 of 2 conversations have no trained target" in str(caught[1].message)
+    np.testing.assert_array_equal(packed.tokens, [[1, 2, 3, 4]])
+    np.testing.assert_array_equal(packed.targets, [[2, 3, 4, 5]])
+    with pytest.raises(DataError, match="none of the 1 conversations"), pytest.warns(UserWarning):
+        pack_dialogs([dialogs[1]], seq_len=4, pad_id=PAD)
+
+
+def numbered_conversations(count: int) -> list[list[Message]]:
+    """Conversations of varied length whose first user message names them, so rows can be traced back."""
+    return [
+        [Message("user", f"#{index}")] + [Message("assistant", "a" * (index % 7))]
+        + [Message(role, "xy" * (index % 3)) for _ in range(index % 3) for role in ("user", "assistant")]
+        for index in range(count)
+    ]
+
+
+def unpack(packed: PackedRows) -> list[tuple[list[int], list[bool]]]:
+    """Each conversation of each row back as (tokens, mask) from its inputs plus its final target."""
+    pieces = []
+    for row in range(packed.tokens.shape[0]):
+        for segment in range(1, packed.segment_ids[row].max() + 1):
+            where = np.flatnonzero(packed.segment_ids[row] == segment)
+            assert np.array_equal(where, np.arange(where[0], where[-1] + 1)), "a conversation is not contiguous"
+            np.testing.assert_array_equal(packed.positions[row, where], np.arange(len(where)))
+            tokens = [*packed.tokens[row, where].tolist(), int(packed.targets[row, where[-1]])]
+            pieces.append((tokens, packed.loss_mask[row, where].tolist()))
+        padding = packed.segment_ids[row] == 0
+        assert not packed.loss_mask[row, padding].any()
+        if padding.any():
+            assert padding[np.argmax(padding):].all(), "padding only at the end of a row"
+    return pieces
+
+
+@pytest.mark.parametrize("style, tokenizer", [("llama2", LLAMA2), ("llama3", LLAMA3)])
+def test_batches_keep_every_conversation_whole_once_per_epoch(style, tokenizer):
+    dialogs = [encode_dialog(c, tokenizer, style, for_generation=False) for c in numbered_conversations(40)]
+    seq_len = max(len(d.tokens) for d in dialogs) + 5
+    batches = PackedSFTBatches(dialogs, seq_len=seq_len, batch_size=1, pad_id=PAD, seed=3)
+    rows = [batches.batch(step) for step in range(len(batches.epoch_rows(0)))]
+    assert len(rows) < len(dialogs)  # rows do hold several conversations
+    pieces = [piece for packed in rows for piece in unpack(packed)]
+    expected = {tuple(d.tokens): d.loss_mask[1:] for d in dialogs}
+    seen = [tuple(tokens) for tokens, _ in pieces]
+    for tokens, mask in pieces:
+        assert expected[tuple(tokens)] == mask  # whole, in order, with its own mask shifted onto targets
+    assert sorted(seen) == sorted(expected)  # each conversation exactly once in the epoch
+
+
+def test_batch_is_a_pure_function_of_seed_and_step():
+    dialogs = [encode_dialog(c, LLAMA3, "llama3", for_generation=False) for c in numbered_conversations(30)]
+    make = lambda seed: PackedSFTBatches(dialogs, seq_len=96, batch_size=4, pad_id=PAD, seed=seed)  # noqa: E731
+    in_order, out_of_order, other_seed = make(7), make(7), make(8)
+    sequential = [in_order.batch(step) for step in range(12)]  # several epochs
+    for step in [11, 0, 5, 3]:
+        assert_packed_equal(out_of_order.batch(step), sequential[step])
+    assert not np.array_equal(other_seed.batch(0).tokens, sequential[0].tokens)
+    assert in_order.epoch_rows(0) != in_order.epoch_rows(1)  # reshuffled per epoch
+    halves = [in_order.batch(6, process_index=i, process_count=2) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h.tokens for h in halves]), sequential[6].tokens)
+
+
+def assert_packed_equal(actual: PackedRows, expected: PackedRows) -> None:
+    for name in ("tokens", "targets", "loss_mask", "segment_ids", "positions"):
+        np.testing.assert_array_equal(getattr(actual, name), getattr(expected, name), err_msg=name)
