@@ -10,17 +10,19 @@ The tokenizer is duck-typed (see `ChatTokenizer`): `encode(text, *, bos, eos)`, 
 """
 from __future__ import annotations
 
+import argparse
 import bisect
 import dataclasses
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Protocol, Sequence, get_args
+from typing import Callable, Iterable, Iterator, Literal, Protocol, Sequence, get_args
 
 import numpy as np
 
-from llama_jax.errors import ChatFormatError, DataError, TokenizerError
+from llama_jax.errors import ChatFormatError, DataError, TokenizerError, run_program
 
 Role = Literal["system", "user", "assistant"]
 ChatStyle = Literal["llama2", "llama3"]
@@ -190,16 +192,21 @@ def conversation_to_json(messages: Sequence[Message]) -> str:
     return json.dumps({"messages": items}, ensure_ascii=False)
 
 
-def write_conversations(path: str | Path, conversations: Iterator[Sequence[Message]] | Sequence[Sequence[Message]]) -> int:
-    """Write conversations as JSONL; returns how many were written."""
+def write_conversations(path: str | Path, conversations: Iterable[Sequence[Message]]) -> int:
+    """Write conversations as JSONL, all or nothing: an error midway leaves no partial file. Returns the count."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
     count = 0
     try:
-        with open(path, "w", encoding="utf-8") as output:
+        with open(partial, "w", encoding="utf-8") as output:
             for messages in conversations:
                 output.write(conversation_to_json(messages) + "\n")
                 count += 1
+        os.replace(partial, path)
     except OSError as error:
         raise DataError(f"{path}: cannot write conversations: {error.strerror or error}") from error
+    finally:
+        partial.unlink(missing_ok=True)
     return count
 
 
@@ -484,3 +491,204 @@ class PackedSFTBatches:
     def _row(self, global_row: int) -> list[int]:
         epoch, row = self.epoch_of_row(global_row)
         return self.epoch_rows(epoch)[row]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ghost Attention data (Llama 2 paper, section 3.3)
+#
+# Answers are sampled with the instruction concatenated to every user message; the training sample keeps it only
+# in the first user message and trains only on the last answer ("set the loss to 0 for all the tokens from the
+# previous turns, including assistant messages"), since the earlier answers were produced with an instruction
+# the training context no longer shows.
+
+# Between the instruction and the user's text; the paper does not specify one.
+GATT_SEPARATOR = "\n\n"
+
+AnswerFn = Callable[[list[Message]], str]
+
+
+@dataclass(frozen=True)
+class GattSample:
+    """A GAtt training conversation; only its last assistant message has train=True."""
+
+    messages: list[Message]
+
+    @property
+    def train_flags(self) -> list[bool]:
+        """Per message, whether its tokens are trained on (user and system messages never are)."""
+        return [message.role == "assistant" and message.train for message in self.messages]
+
+
+def with_instruction(user_content: str, instruction: str, separator: str = GATT_SEPARATOR) -> str:
+    return f"{instruction}{separator}{user_content}"
+
+
+def gatt_sampling_dialog(
+    conversation: Sequence[Message], instruction: str, *, separator: str = GATT_SEPARATOR
+) -> list[Message]:
+    """The conversation as the answering model sees it: the instruction on every user message."""
+    _check_instruction(instruction)
+    return [
+        dataclasses.replace(m, content=with_instruction(m.content, instruction, separator)) if m.role == "user" else m
+        for m in conversation
+    ]
+
+
+def gatt_sample(
+    conversation: Sequence[Message],
+    instruction: str,
+    answer_fn: AnswerFn | None = None,
+    *,
+    separator: str = GATT_SEPARATOR,
+) -> GattSample:
+    """A GAtt training sample from a conversation without the instruction.
+
+    With answer_fn, every answer is sampled afresh, turn by turn, from answer_fn(sampling dialog so far) where
+    every user message carries the instruction; the conversation's own answers are ignored and it may end on a
+    user turn. Without answer_fn, the conversation's answers are used as they are (the caller vouches that they
+    were produced with the instruction on every user turn) and it must end on an answer.
+    """
+    _check_instruction(instruction)
+    validate_conversation(conversation, ending="any" if answer_fn else "assistant")
+    answered = _sample_answers(conversation, instruction, answer_fn, separator) if answer_fn else list(conversation)
+    first_user = next(i for i, m in enumerate(answered) if m.role == "user")
+    last_answer = max(i for i, m in enumerate(answered) if m.role == "assistant")
+    messages = []
+    for index, message in enumerate(answered):
+        if index == first_user:
+            message = dataclasses.replace(message, content=with_instruction(message.content, instruction, separator))
+        if message.role == "assistant":
+            message = dataclasses.replace(message, train=index == last_answer)
+        messages.append(message)
+    return GattSample(messages)
+
+
+def remove_gatt_instruction(
+    conversation: Sequence[Message], instruction: str, *, separator: str = GATT_SEPARATOR
+) -> list[Message]:
+    """Undo gatt_sampling_dialog on an answered sampling dialog; every user message must carry the instruction."""
+    _check_instruction(instruction)
+    prefix = with_instruction("", instruction, separator)
+    stripped = []
+    for index, message in enumerate(conversation):
+        if message.role == "user":
+            if not message.content.startswith(prefix):
+                raise ChatFormatError(f"message {index + 1} (user) does not start with the GAtt instruction")
+            message = dataclasses.replace(message, content=message.content[len(prefix) :])
+        stripped.append(message)
+    return stripped
+
+
+def _sample_answers(
+    conversation: Sequence[Message], instruction: str, answer_fn: AnswerFn, separator: str
+) -> list[Message]:
+    sampling: list[Message] = []  # what the model sees: instruction on every user message
+    answered: list[Message] = []  # the same turns without the instruction
+    for message in conversation:
+        if message.role == "assistant":
+            continue  # replaced by the model's own answer
+        answered.append(message)
+        if message.role != "user":
+            sampling.append(message)
+            continue
+        sampling.append(dataclasses.replace(message, content=with_instruction(message.content, instruction, separator)))
+        answer = answer_fn(list(sampling))
+        if not isinstance(answer, str):
+            raise TypeError(f"answer_fn returned {type(answer).__name__}, expected str")
+        sampling.append(Message("assistant", answer))
+        answered.append(Message("assistant", answer))
+    return answered
+
+
+def _check_instruction(instruction: str) -> None:
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ChatFormatError("the GAtt instruction is empty")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: python -m llama_jax.chat {check,gatt-sampling,gatt} ...
+
+
+def main(argv: Sequence[str]) -> int:
+    """Check conversation files and build Ghost Attention data."""
+    args = _argument_parser().parse_args(list(argv))
+    return args.run(args)
+
+
+def _argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.chat", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("check", help="validate a conversations JSONL file")
+    check.add_argument("path", type=Path)
+    check.add_argument("--ending", choices=get_args(Ending), default="assistant",
+                       help="role every conversation must end on (default: assistant, as training data)")
+    check.set_defaults(run=_run_check)
+
+    sampling = commands.add_parser(
+        "gatt-sampling",
+        help="write the GAtt sampling dialogs: the instruction on every user message, for a model to re-answer "
+        "turn by turn; feed the answered result back with `gatt --from-sampling`",
+    )
+    _add_gatt_arguments(sampling)
+    sampling.set_defaults(run=_run_gatt_sampling)
+
+    gatt = commands.add_parser(
+        "gatt",
+        help='write GAtt training data: the instruction in the first user message only, "train": false on every '
+        "answer but the last",
+    )
+    _add_gatt_arguments(gatt)
+    gatt.add_argument("--from-sampling", action="store_true",
+                      help="the input's user messages all carry the instruction (answered gatt-sampling output)")
+    gatt.set_defaults(run=_run_gatt)
+    return parser
+
+
+def _add_gatt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--instruction", required=True, help='e.g. "Always answer as a pirate."')
+    parser.add_argument("--separator", default=GATT_SEPARATOR,
+                        help="text between the instruction and the user message (default: a blank line)")
+    parser.add_argument("input", type=Path, help="conversations JSONL")
+    parser.add_argument("output", type=Path, help="JSONL to write")
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    count = sum(1 for _ in read_conversations(args.path, ending=args.ending))
+    print(f"{args.path}: {count} conversations")
+    return 0
+
+
+def _run_gatt_sampling(args: argparse.Namespace) -> int:
+    def build(messages: list[Message]) -> list[Message]:
+        return gatt_sampling_dialog(messages, args.instruction, separator=args.separator)
+
+    count = write_conversations(args.output, _converted(args.input, "any", build))
+    print(f"{args.output}: {count} sampling dialogs")
+    return 0
+
+
+def _run_gatt(args: argparse.Namespace) -> int:
+    def build(messages: list[Message]) -> list[Message]:
+        if args.from_sampling:
+            messages = remove_gatt_instruction(messages, args.instruction, separator=args.separator)
+        return gatt_sample(messages, args.instruction, separator=args.separator).messages
+
+    count = write_conversations(args.output, _converted(args.input, "assistant", build))
+    print(f"{args.output}: {count} GAtt samples")
+    return 0
+
+
+def _converted(
+    path: Path, ending: Ending, convert: Callable[[list[Message]], list[Message]]
+) -> Iterator[list[Message]]:
+    """convert() applied to each conversation of a file, its errors naming the input line."""
+    for line, messages in read_numbered_conversations(path, ending=ending):
+        try:
+            yield convert(messages)
+        except ChatFormatError as error:
+            raise ChatFormatError(f"{path}:{line}: {error}") from None
+
+
+if __name__ == "__main__":
+    run_program(main)

@@ -6,6 +6,9 @@ ChatFormat for Llama 3) with byte-level fake tokenizers, so every id can be chec
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,10 @@ from llama_jax.chat import (
     pack_dialogs,
     dialog_prompt,
     encode_dialog,
+    gatt_sample,
+    gatt_sampling_dialog,
     generation_stop_ids,
+    main,
     read_conversations,
     validate_conversation,
     write_conversations,
@@ -384,3 +390,122 @@ def test_batch_is_a_pure_function_of_seed_and_step():
 def assert_packed_equal(actual: PackedRows, expected: PackedRows) -> None:
     for name in ("tokens", "targets", "loss_mask", "segment_ids", "positions"):
         np.testing.assert_array_equal(getattr(actual, name), getattr(expected, name), err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ghost Attention
+
+PIRATE = "Always answer as a pirate."
+THREE_TURNS = [
+    Message("user", "Where is Paris?"),
+    Message("assistant", "In France."),
+    Message("user", "And Rome?"),
+    Message("assistant", "In Italy."),
+    Message("user", "Thanks"),
+    Message("assistant", "You are welcome."),
+]
+
+
+def test_gatt_sample_keeps_instruction_in_first_user_turn_and_trains_only_last_answer():
+    sample = gatt_sample([Message("system", "You help."), *THREE_TURNS], PIRATE)
+    assert sample.messages == [
+        Message("system", "You help."),
+        Message("user", "Always answer as a pirate.\n\nWhere is Paris?"),
+        Message("assistant", "In France.", train=False),
+        Message("user", "And Rome?"),
+        Message("assistant", "In Italy.", train=False),
+        Message("user", "Thanks"),
+        Message("assistant", "You are welcome."),
+    ]
+    assert sample.train_flags == [False, False, False, False, False, False, True]
+
+
+@pytest.mark.parametrize("style, tokenizer", [("llama2", LLAMA2), ("llama3", LLAMA3)])
+def test_gatt_mask_covers_only_the_last_answer(style, tokenizer):
+    encoded = encode_dialog(gatt_sample(THREE_TURNS, PIRATE).messages, tokenizer, style, for_generation=False)
+    trained = [t for t, m in zip(encoded.tokens, encoded.loss_mask) if m]
+    assert trained == (llama2_text(" You are welcome. ") + [EOS2] if style == "llama2"
+                       else llama3_text("You are welcome.") + [EOT])
+    # The instruction is in the context once, before the first question.
+    text = tokenizer.decode(encoded.tokens)
+    assert text.count(PIRATE) == 1 and text.index(PIRATE) < text.index("Where is Paris?")
+
+
+def test_gatt_answers_are_sampled_with_the_instruction_on_every_user_turn():
+    seen: list[list[Message]] = []
+
+    def pirate_model(messages: list[Message]) -> str:
+        seen.append(messages)
+        return f"Arr #{len(seen)}"
+
+    questions = [Message("user", "Where is Paris?"), Message("assistant", "ignored"), Message("user", "And Rome?")]
+    sample = gatt_sample(questions, PIRATE, answer_fn=pirate_model)
+    assert seen == [
+        [Message("user", f"{PIRATE}\n\nWhere is Paris?")],
+        [Message("user", f"{PIRATE}\n\nWhere is Paris?"), Message("assistant", "Arr #1"),
+         Message("user", f"{PIRATE}\n\nAnd Rome?")],
+    ]
+    assert sample.messages == [
+        Message("user", f"{PIRATE}\n\nWhere is Paris?"),
+        Message("assistant", "Arr #1", train=False),
+        Message("user", "And Rome?"),
+        Message("assistant", "Arr #2"),
+    ]
+    assert gatt_sampling_dialog(THREE_TURNS, PIRATE)[2::2] == [
+        Message("user", f"{PIRATE}\n\nAnd Rome?"), Message("user", f"{PIRATE}\n\nThanks")]
+
+
+def test_gatt_without_answers_needs_a_final_answer():
+    with pytest.raises(ChatFormatError, match="ends on a 'user' message"):
+        gatt_sample(THREE_TURNS[:3], PIRATE)
+    with pytest.raises(ChatFormatError, match="instruction is empty"):
+        gatt_sample(THREE_TURNS, "  ")
+
+
+def test_gatt_command_line_round_trip(tmp_path):
+    source = tmp_path / "chats.jsonl"
+    write_conversations(source, [THREE_TURNS, THREE_TURNS[:2]])
+    sampling, answered, training = tmp_path / "sampling.jsonl", tmp_path / "answered.jsonl", tmp_path / "gatt.jsonl"
+    assert main(["gatt-sampling", "--instruction", PIRATE, str(source), str(sampling)]) == 0
+    dialogs = list(read_conversations(sampling))
+    assert all(m.content.startswith(PIRATE) for d in dialogs for m in d if m.role == "user")
+    # A model re-answers every turn of the sampling dialogs; here, a pirate who says the same.
+    write_conversations(answered, [[Message(m.role, "Arr!") if m.role == "assistant" else m for m in d]
+                                   for d in dialogs])
+    assert main(["gatt", "--from-sampling", "--instruction", PIRATE, str(answered), str(training)]) == 0
+    lines = [json.loads(line) for line in training.read_text(encoding="utf-8").splitlines()]
+    assert lines[0] == {"messages": [
+        {"role": "user", "content": f"{PIRATE}\n\nWhere is Paris?"},
+        {"role": "assistant", "content": "Arr!", "train": False},
+        {"role": "user", "content": "And Rome?"},
+        {"role": "assistant", "content": "Arr!", "train": False},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "Arr!"},
+    ]}
+    assert lines[1] == {"messages": [{"role": "user", "content": f"{PIRATE}\n\nWhere is Paris?"},
+                                     {"role": "assistant", "content": "Arr!"}]}
+    # Without --from-sampling the answers are taken as they are and the instruction added to the first turn only.
+    assert main(["gatt", "--instruction", PIRATE, str(source), str(training)]) == 0
+    assert [m.content for m in next(read_conversations(training))][:3] == [
+        f"{PIRATE}\n\nWhere is Paris?", "In France.", "And Rome?"]
+
+
+def test_gatt_script_reports_the_bad_line_and_writes_nothing(tmp_path):
+    source = write_lines(tmp_path / "chats.jsonl", [GOOD_LINE, GOOD_LINE])
+    output = tmp_path / "gatt.jsonl"
+    with pytest.raises(ChatFormatError, match=re.escape(f"{source}:1: message 1 (user) does not start with the GAtt")):
+        main(["gatt", "--from-sampling", "--instruction", PIRATE, str(source), str(output)])
+    assert not output.exists() and not list(tmp_path.glob("*.partial"))
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.gatt", "--instruction", PIRATE, str(source), str(output)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(list(read_conversations(output))) == 2
+    write_lines(source, [GOOD_LINE, '{"messages": [{"role": "user", "content": "q"}]}'])
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.gatt", "--instruction", PIRATE, str(source), str(output)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {source}:2: conversation ends on a 'user' message")
