@@ -75,10 +75,6 @@ class EncodedDialog:
         if len(self.tokens) != len(self.loss_mask):
             raise ValueError(f"tokens ({len(self.tokens)}) and loss_mask ({len(self.loss_mask)}) differ in length")
 
-    @property
-    def trained_token_count(self) -> int:
-        return sum(self.loss_mask)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Conversation rules
@@ -281,10 +277,12 @@ def _encode_llama2_pair(tokenizer: ChatTokenizer, user_content: str, answer_cont
     """Tokens of one answered pair, encoded in one call as Meta does, and the index where the answer starts.
 
     The answer boundary is found by encoding the prompt part alone: its ids are a prefix of the pair's ids when
-    the tokenizer does not merge across the boundary (SentencePiece splits at the space before the answer, so
-    "[/INST]"'s closing "]" and the answer's "▁first-word" are separate pieces). If a tokenizer did merge across
-    it, the pair's ids are kept unchanged (faithful to Meta) and the answer starts at the first id where the two
-    encodings differ: that id straddles the boundary and carries answer text, so it is trained on.
+    the tokenizer does not merge across the boundary (SentencePiece puts the space before the answer at the start
+    of the answer's first piece, so "[/INST]"'s closing "]" and "▁answer" stay separate pieces). If a tokenizer
+    did merge across it, the pair's ids are kept unchanged (faithful to Meta) and the answer starts at the first
+    id where the two encodings differ: that one id straddles the boundary and carries answer text, so it is
+    trained on. Encodings that differ earlier than the prompt's last id would put prompt text under the loss,
+    so they raise TokenizerError instead.
     """
     prompt_text = _llama2_prompt_text(user_content)
     pair_text = f"{prompt_text} {answer_content.strip()} "
@@ -293,6 +291,11 @@ def _encode_llama2_pair(tokenizer: ChatTokenizer, user_content: str, answer_cont
     if not pair_tokens or pair_tokens[0] != tokenizer.bos_id or pair_tokens[-1] != tokenizer.eos_id:
         raise TokenizerError("encode(text, bos=True, eos=True) did not return ids starting with BOS and ending with EOS")
     answer_start = _common_prefix_length(prompt_tokens, pair_tokens)
+    if answer_start < len(prompt_tokens) - 1:
+        raise TokenizerError(
+            f"the Llama 2 prompt {prompt_text!r} encodes differently alone and followed by its answer "
+            f"({len(prompt_tokens) - answer_start} ids differ), so the answer's loss mask cannot be placed"
+        )
     # BOS is always shared and EOS never is, so the answer region is never empty and never swallows the BOS.
     assert 1 <= answer_start < len(pair_tokens), (answer_start, len(pair_tokens))
     return pair_tokens, answer_start

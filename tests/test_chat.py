@@ -5,7 +5,9 @@ ChatFormat for Llama 3) with byte-level fake tokenizers, so every id can be chec
 """
 from __future__ import annotations
 
+import io
 import json
+import random
 import re
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from llama_jax.chat import (
     validate_conversation,
     write_conversations,
 )
-from llama_jax.errors import ChatFormatError, DataError
+from llama_jax.errors import ChatFormatError, DataError, TokenizerError
 
 
 class Llama2ByteTokenizer:
@@ -172,6 +174,69 @@ def test_llama2_mask_when_tokenizer_merges_across_answer_boundary():
     assert encoded.loss_mask == [False] * len(prompt) + [True] * len(answer)
 
 
+class ContextSensitiveTokenizer(Llama2ByteTokenizer):
+    """Encodes "/INST]" as one id (998) unless it ends the text: the prompt alone differs well before its end."""
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        if not text.endswith("[/INST]"):
+            text = text.replace("/INST]", "\x00")
+        return [998 if i == 3 else i for i in super().encode(text, bos=bos, eos=eos)]
+
+
+def test_llama2_mask_refuses_a_boundary_it_cannot_place():
+    with pytest.raises(TokenizerError, match="encodes differently alone and followed by its answer"):
+        encode_dialog([Message("user", "q"), Message("assistant", "a")], ContextSensitiveTokenizer(), "llama2",
+                      for_generation=False)
+
+
+class SentencePieceAdapter:
+    """A real SentencePiece model behind the ChatTokenizer interface (BOS 1, EOS 2 as in Llama 2)."""
+
+    def __init__(self, processor):
+        self.processor, self.bos_id, self.eos_id = processor, processor.bos_id(), processor.eos_id()
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.processor.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
+
+
+@pytest.fixture(scope="module")
+def llama2_like_sentencepiece() -> SentencePieceAdapter:
+    """A small BPE model trained with Llama 2's SentencePiece settings (byte fallback, digits split, identity
+    normalisation, whitespace as a piece prefix), to check the answer boundary on real merges."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    words = ("the a of to and in is it you that he was for on are with as his they at one have this from or had by "
+             "word but what some we can out other were all there when up use your how said an each she which do "
+             "their time if will way about many then them write would like so these her long make thing see").split()
+    rng = random.Random(0)
+    endings = [".", "?", "!", " [INST] x [/INST]", " 42."]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) + rng.choice(endings) for _ in range(2000)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=600, byte_fallback=True,
+        split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=1.0, minloglevel=2,
+        num_threads=1, hard_vocab_limit=False,
+    )
+    return SentencePieceAdapter(sentencepiece.SentencePieceProcessor(model_proto=model.getvalue()))
+
+
+@pytest.mark.parametrize("answer", ["4", "What is it?", "]] ok", "日本", "  the way  ", "[/INST] again"])
+def test_llama2_answer_boundary_with_real_sentencepiece(llama2_like_sentencepiece, answer):
+    tokenizer = llama2_like_sentencepiece
+    system, question = "You are a", "  what is 2+2? "
+    encoded = encode_dialog([Message("system", system), Message("user", question), Message("assistant", answer)],
+                            tokenizer, "llama2", for_generation=False)
+    # Meta's chat_completion, written out: the pair is one encode(bos=True, eos=True) call.
+    prompt = f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{question}".strip() + " [/INST]"
+    assert encoded.tokens == tokenizer.encode(f"{prompt} {answer.strip()} ", bos=True, eos=True)
+    answer_start = len(tokenizer.encode(prompt, bos=True))  # SentencePiece never merges "]" with "▁answer"
+    assert encoded.loss_mask == [False] * answer_start + [True] * (len(encoded.tokens) - answer_start)
+    assert tokenizer.decode(encoded.tokens[answer_start:-1]).strip() == answer.strip()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Llama 3
 
@@ -226,6 +291,37 @@ def test_untrained_answer_stays_in_context_without_loss(style, tokenizer):
     trained_text = [t for t, m in zip(partial.tokens, partial.loss_mask) if m]
     expected_last = llama2_text(" 4 ") + [EOS2] if style == "llama2" else llama3_text("4") + [EOT]
     assert trained_text == expected_last
+
+
+def test_llama3_matches_metas_chat_format_with_the_real_tokenizer():
+    """Meta's own llama3 ChatFormat and tokenizer (llama_models, when installed) as a second code path."""
+    chat_format = pytest.importorskip("llama_models.llama3.chat_format")
+    from llama_models.datatypes import RawMessage
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    meta_tokenizer = Tokenizer.get_instance()
+
+    class Adapter:
+        bos_id, eos_id = meta_tokenizer.bos_id, meta_tokenizer.eos_id
+        encode = staticmethod(meta_tokenizer.encode)
+        special_id = staticmethod(meta_tokenizer.special_tokens.__getitem__)
+
+    # Contents come stripped: this llama_models version no longer strips them, Meta's original llama3 code did.
+    conversation = [Message("system", "Answer in French."), Message("user", "Hello, how are you?"),
+                    Message("assistant", "Très bien, merci !"), Message("user", "Et 12+30 ?"),
+                    Message("assistant", "42.")]
+    def metas_prompt(messages: list[Message]) -> list[int]:
+        raw = [RawMessage(role=m.role, content=m.content) for m in messages]
+        return chat_format.ChatFormat(meta_tokenizer).encode_dialog_prompt(raw).tokens
+
+    assert dialog_prompt(conversation[:4], Adapter(), "llama3") == metas_prompt(conversation[:4])
+    # Meta's encoder always ends on an empty assistant header; training data ends on the last <|eot_id|>.
+    encoded = encode_dialog(conversation, Adapter(), "llama3", for_generation=False)
+    empty_assistant_header = [128006, *meta_tokenizer.encode("assistant", bos=False, eos=False), 128007,
+                              *meta_tokenizer.encode("\n\n", bos=False, eos=False)]
+    assert encoded.tokens + empty_assistant_header == metas_prompt(conversation)
+    answers = meta_tokenizer.decode([t for t, m in zip(encoded.tokens, encoded.loss_mask) if m])
+    assert answers == "Très bien, merci !<|eot_id|>42.<|eot_id|>"
 
 
 # ---------------------------------------------------------------------------------------------------------------
