@@ -127,18 +127,19 @@ _MESSAGE_KEYS = frozenset({"role", "content", "train"})
 def read_numbered_conversations(path: str | Path, *, ending: Ending = "assistant") -> Iterator[tuple[int, list[Message]]]:
     """Yield (line number, messages) per non-blank line; the first bad line raises ChatFormatError naming it."""
     try:
-        lines = Path(path).read_bytes().splitlines()
+        file = open(path, "rb")  # bytes, so that bad UTF-8 is reported with its line number
     except OSError as error:
         raise DataError(f"{path}: cannot read conversations: {error.strerror or error}") from error
-    for line_number, raw_line in enumerate(lines, start=1):
-        if not raw_line.strip():
-            continue  # blank lines (e.g. a trailing newline pair) carry no conversation
-        try:
-            messages = conversation_from_json(raw_line)
-            validate_conversation(messages, ending=ending)
-        except ChatFormatError as error:
-            raise ChatFormatError(f"{path}:{line_number}: {error}") from None
-        yield line_number, messages
+    with file:
+        for line_number, raw_line in enumerate(file, start=1):
+            if not raw_line.strip():
+                continue  # blank lines (e.g. a trailing newline pair) carry no conversation
+            try:
+                messages = conversation_from_json(raw_line)
+                validate_conversation(messages, ending=ending)
+            except ChatFormatError as error:
+                raise ChatFormatError(f"{path}:{line_number}: {error}") from None
+            yield line_number, messages
 
 
 def read_conversations(path: str | Path, *, ending: Ending = "assistant") -> Iterator[list[Message]]:
@@ -150,9 +151,9 @@ def read_conversations(path: str | Path, *, ending: Ending = "assistant") -> Ite
 def conversation_from_json(line: str | bytes) -> list[Message]:
     """Parse one JSONL line into messages (field types only; role order is validate_conversation's job)."""
     try:
-        record = json.loads(line)
+        record = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
     except UnicodeDecodeError as error:
-        raise ChatFormatError(f"not UTF-8 text: {error.reason}") from None
+        raise ChatFormatError(f"not UTF-8 text: {error.reason} at byte {error.start}") from None
     except json.JSONDecodeError as error:
         raise ChatFormatError(f"invalid JSON: {error.msg} at column {error.colno}") from None
     if not isinstance(record, dict) or "messages" not in record:

@@ -367,6 +367,15 @@ def test_each_bad_line_gives_one_error_naming_file_and_line(tmp_path, bad_line, 
     assert message_part in str(raised.value)
 
 
+def test_bad_utf8_and_missing_file(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_bytes(GOOD_LINE.encode() + b"\r\n" + GOOD_LINE.replace("q", "\xe9").encode("latin-1") + b"\n")
+    with pytest.raises(ChatFormatError, match=re.escape(f"{path}:2: not UTF-8 text: invalid continuation byte")):
+        list(read_conversations(path))
+    with pytest.raises(DataError, match="cannot read conversations"):
+        list(read_conversations(tmp_path / "missing.jsonl"))
+
+
 def test_prompts_may_end_on_user_turn(tmp_path):
     path = write_lines(tmp_path / "prompts.jsonl", ['{"messages": [{"role": "user", "content": "q"}]}'])
     assert list(read_conversations(path, ending="user")) == [[Message("user", "q")]]
