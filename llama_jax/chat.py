@@ -124,7 +124,9 @@ def _check_message_fields(index: int, message: Message) -> None:
 _MESSAGE_KEYS = frozenset({"role", "content", "train"})
 
 
-def read_numbered_conversations(path: str | Path, *, ending: Ending = "assistant") -> Iterator[tuple[int, list[Message]]]:
+def read_numbered_conversations(
+    path: str | Path, *, ending: Ending = "assistant"
+) -> Iterator[tuple[int, list[Message]]]:
     """Yield (line number, messages) per non-blank line; the first bad line raises ChatFormatError naming it."""
     try:
         file = open(path, "rb")  # bytes, so that bad UTF-8 is reported with its line number
@@ -290,7 +292,7 @@ def _encode_llama2_pair(tokenizer: ChatTokenizer, user_content: str, answer_cont
     pair_tokens = tokenizer.encode(pair_text, bos=True, eos=True)
     prompt_tokens = tokenizer.encode(prompt_text, bos=True, eos=False)
     if not pair_tokens or pair_tokens[0] != tokenizer.bos_id or pair_tokens[-1] != tokenizer.eos_id:
-        raise TokenizerError("encode(text, bos=True, eos=True) did not return ids starting with BOS and ending with EOS")
+        raise TokenizerError("encode(text, bos=True, eos=True) returned ids not starting with BOS and ending with EOS")
     answer_start = _common_prefix_length(prompt_tokens, pair_tokens)
     if answer_start < len(prompt_tokens) - 1:
         raise TokenizerError(
@@ -390,7 +392,9 @@ def packable_slot_counts(dialogs: Sequence[EncodedDialog], seq_len: int) -> np.n
     return counts
 
 
-def plan_rows(slot_counts: Sequence[int] | np.ndarray, order: Sequence[int] | np.ndarray, seq_len: int) -> list[list[int]]:
+def plan_rows(
+    slot_counts: Sequence[int] | np.ndarray, order: Sequence[int] | np.ndarray, seq_len: int
+) -> list[list[int]]:
     """Conversation indices per row, visiting `order` and skipping those with 0 slots. Next-fit keeps the
     visiting order (so a shuffle stays a shuffle) and runs in linear time."""
     rows: list[list[int]] = []
@@ -478,7 +482,7 @@ class PackedSFTBatches:
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         """Conversation indices per row in `epoch`."""
         if epoch not in self._recent_plans:
-            if len(self._recent_plans) >= 2:  # a batch touches at most two epochs
+            if len(self._recent_plans) >= 2:  # a batch spans two epochs at most, unless an epoch is tiny
                 del self._recent_plans[min(self._recent_plans)]
             order = np.random.default_rng((self.seed, epoch)).permutation(len(self.dialogs))
             self._recent_plans[epoch] = plan_rows(self._slot_counts, order, self.seq_len)
