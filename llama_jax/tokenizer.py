@@ -1,0 +1,375 @@
+"""Tokenizers behind one interface: Llama 2 style SentencePiece and Llama 3 tiktoken rank files.
+
+`load_tokenizer(path)` looks at the file and returns the matching implementation; `train_sentencepiece`
+trains a new Llama-2-like BPE model when a user has none (the default corpus does this).
+
+Both implementations encode text as *ordinary* text: a document that happens to contain
+"<|eot_id|>" gets the tokens of those characters, never the special id. Special ids only enter a
+sequence on purpose, through `bos=`/`eos=` or `special_id()`. This keeps raw training data from
+forging control tokens.
+"""
+from __future__ import annotations
+
+import abc
+import base64
+import binascii
+import hashlib
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from llama_jax.errors import TokenizerError
+
+PathLike = str | os.PathLike[str]
+
+
+class Tokenizer(abc.ABC):
+    """What the rest of the project may rely on, whichever file the tokenizer came from."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int  # safe to pad with: never produced by encode(), so never a training target
+    stop_ids: frozenset[int]  # generation ends at any of these
+    path: Path | None  # the file it was loaded from (None if built in memory)
+
+    @abc.abstractmethod
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text` (as ordinary text), optionally framed by BOS and EOS."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; raises TokenizerError for an id outside the vocabulary."""
+
+    @abc.abstractmethod
+    def special_id(self, token: str) -> int:
+        """Id of a special token such as "<|start_header_id|>" or "</s>"; TokenizerError if unknown."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """Stable hash of the tokenizer file's contents: equal fingerprints encode identically."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """encode() of many texts without BOS/EOS; implementations override it to use threads."""
+        return [self.encode(text) for text in texts]
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        checked = [int(token_id) for token_id in ids]
+        for token_id in checked:
+            if not 0 <= token_id < self.vocab_size:
+                raise TokenizerError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        return checked
+
+    def _framed(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# SentencePiece (Llama 2)
+# --------------------------------------------------------------------------------------------
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model, as Llama 2 ships it: unk 0, BOS 1 (<s>), EOS 2 (</s>), byte fallback."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_bytes: bytes, path: Path | None = None):
+        import sentencepiece
+
+        self.path = path
+        self._model_bytes = model_bytes
+        try:
+            self._processor = sentencepiece.SentencePieceProcessor(model_proto=model_bytes)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise TokenizerError(f"{path or '<bytes>'}: not a SentencePiece model ({error})") from error
+        self.vocab_size = self._processor.get_piece_size()
+        if self.vocab_size <= 0:
+            raise TokenizerError(f"{path or '<bytes>'}: SentencePiece model has an empty vocabulary")
+        self.bos_id = self._processor.bos_id()
+        self.eos_id = self._processor.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise TokenizerError(f"{path or '<bytes>'}: SentencePiece model lacks a BOS or EOS piece")
+        # Llama 2 has no pad piece. With byte fallback the unk piece is never produced by encode(),
+        # so it is never a target and is safe to pad with.
+        pad = self._processor.pad_id()
+        self.pad_id = pad if pad >= 0 else self._processor.unk_id()
+        self.stop_ids = frozenset({self.eos_id})
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        return self._framed(list(self._processor.encode(text)), bos, eos)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for ids in self._processor.encode(list(texts), num_threads=os.cpu_count() or 1)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._processor.decode(self._check_ids(ids))
+
+    def special_id(self, token: str) -> int:
+        token_id = self._processor.piece_to_id(token)
+        # piece_to_id answers unk for any unknown piece, so confirm the round trip.
+        if self._processor.id_to_piece(token_id) != token:
+            raise TokenizerError(f"unknown special token {token!r} in SentencePiece model {self.path or '<bytes>'}")
+        return token_id
+
+    def fingerprint(self) -> str:
+        return _sha256(self._model_bytes)
+
+    def piece(self, token_id: int) -> str:
+        """The vocabulary entry of one id (e.g. "▁the" or "<0x0A>"); useful for inspection."""
+        return self._processor.id_to_piece(self._check_ids([token_id])[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Llama 3 (tiktoken rank file)
+# --------------------------------------------------------------------------------------------
+
+# Meta's Llama 3 pre-tokenizer: contractions, letter runs with one optional leading non-letter,
+# digit groups of at most three, punctuation runs, newline runs, other whitespace.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NUM_SPECIAL_TOKENS = 256
+# The named special tokens in Meta's order (Llama 3.1+ names; Llama 3.0 called the unnamed slots
+# reserved tokens, at the same ids). The rest of the 256 are <|reserved_special_token_2..247|>.
+LLAMA3_NAMED_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+)
+# tiktoken's regex engine overflows its backtracking stack on very long runs, so text is cut as
+# Meta's reference tokenizer cuts it: windows of this many characters, and inside each window a
+# cut whenever a run of whitespace (or of non-whitespace) grows past the second limit.
+_TIKTOKEN_WINDOW_CHARS = 400_000
+_TIKTOKEN_MAX_RUN_CHARS = 25_000
+_LONG_RUN = re.compile(r"\s{%d,}|\S{%d,}" % (_TIKTOKEN_MAX_RUN_CHARS + 1, _TIKTOKEN_MAX_RUN_CHARS + 1))
+_RANK_LINE = re.compile(rb"^([A-Za-z0-9+/]+=*)[ \t]+(\d+)[ \t]*\r?$")
+
+
+def llama3_special_tokens() -> list[str]:
+    """All 256 special tokens in id order (the first has id = number of regular tokens)."""
+    reserved_count = LLAMA3_NUM_SPECIAL_TOKENS - len(LLAMA3_NAMED_SPECIAL_TOKENS)
+    reserved = [f"<|reserved_special_token_{2 + i}|>" for i in range(reserved_count)]
+    return list(LLAMA3_NAMED_SPECIAL_TOKENS) + reserved
+
+
+def _split_long_runs(text: str) -> Iterator[str]:
+    """Meta's cutting rule: in each window, a run longer than the limit is cut every limit chars."""
+    for window_start in range(0, len(text), _TIKTOKEN_WINDOW_CHARS):
+        window = text[window_start : window_start + _TIKTOKEN_WINDOW_CHARS]
+        piece_start = 0
+        for run in _LONG_RUN.finditer(window):
+            for cut in range(run.start() + _TIKTOKEN_MAX_RUN_CHARS, run.end(), _TIKTOKEN_MAX_RUN_CHARS):
+                yield window[piece_start:cut]
+                piece_start = cut
+        yield window[piece_start:]
+
+
+def _parse_rank_file(data: bytes, path: Path) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    for line_number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        match = _RANK_LINE.match(line)
+        if match is None:
+            raise TokenizerError(f"{path}:{line_number}: expected '<base64 token> <rank>' in a tiktoken rank file")
+        try:
+            token = base64.b64decode(match.group(1), validate=True)
+        except binascii.Error as error:
+            raise TokenizerError(f"{path}:{line_number}: bad base64 token ({error})") from error
+        ranks[token] = int(match.group(2))
+    if not ranks:
+        raise TokenizerError(f"{path}: tiktoken rank file has no tokens")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{path}: ranks must be exactly 0..{len(ranks) - 1}, each once")
+    return ranks
+
+
+class Llama3Tokenizer(Tokenizer):
+    """Meta's Llama 3 tokenizer: a tiktoken BPE rank file plus 256 special tokens after the regular ones."""
+
+    kind = "llama3"
+
+    def __init__(self, rank_file_bytes: bytes, path: Path | None = None):
+        import tiktoken
+
+        self.path = path
+        self._file_bytes = rank_file_bytes
+        ranks = _parse_rank_file(rank_file_bytes, path or Path("<bytes>"))
+        num_regular = len(ranks)
+        self._special_ids = {token: num_regular + i for i, token in enumerate(llama3_special_tokens())}
+        self._encoding = tiktoken.Encoding(
+            name=f"llama3-{_sha256(rank_file_bytes)[:12]}",
+            pat_str=LLAMA3_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=self._special_ids,
+            explicit_n_vocab=num_regular + LLAMA3_NUM_SPECIAL_TOKENS,
+        )
+        self.vocab_size = num_regular + LLAMA3_NUM_SPECIAL_TOKENS
+        self.bos_id = self._special_ids["<|begin_of_text|>"]
+        self.eos_id = self._special_ids["<|end_of_text|>"]
+        self.pad_id = self._special_ids["<|finetune_right_pad_id|>"]
+        self.stop_ids = frozenset(self._special_ids[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"))
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        ids: list[int] = []
+        for piece in _split_long_runs(text):
+            ids.extend(self._encoding.encode_ordinary(piece))
+        return self._framed(ids, bos, eos)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        pieces_per_text = [list(_split_long_runs(text)) for text in texts]
+        flat = [piece for pieces in pieces_per_text for piece in pieces]
+        encoded = iter(self._encoding.encode_ordinary_batch(flat, num_threads=os.cpu_count() or 1))
+        return [[token for _ in pieces for token in next(encoded)] for pieces in pieces_per_text]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._encoding.decode(self._check_ids(ids), errors="replace")
+
+    def special_id(self, token: str) -> int:
+        try:
+            return self._special_ids[token]
+        except KeyError:
+            raise TokenizerError(f"unknown special token {token!r} for Llama 3 tokenizer {self.path or '<bytes>'}") from None
+
+    def fingerprint(self) -> str:
+        return _sha256(self._file_bytes)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and training
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_tokenizer_file(path: Path) -> Path:
+    """A file as given; for a model directory, its tokenizer.model (HF Llama 3 keeps it in original/)."""
+    if not path.is_dir():
+        return path
+    for candidate in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    raise TokenizerError(f"{path}: directory has no tokenizer.model (nor original/tokenizer.model)")
+
+
+def load_tokenizer(path: PathLike) -> Tokenizer:
+    """Load a SentencePiece model or a Llama 3 tiktoken rank file, telling them apart by content."""
+    file_path = _resolve_tokenizer_file(Path(path))
+    try:
+        data = file_path.read_bytes()
+    except OSError as error:
+        raise TokenizerError(f"{file_path}: cannot read tokenizer file ({error.strerror or error})") from error
+    if not data.strip():
+        raise TokenizerError(f"{file_path}: tokenizer file is empty")
+    first_line = data.split(b"\n", 1)[0]
+    if _RANK_LINE.match(first_line):
+        return Llama3Tokenizer(data, file_path)
+    try:
+        return SentencePieceTokenizer(data, file_path)
+    except TokenizerError:
+        raise TokenizerError(f"{file_path}: neither a SentencePiece model nor a Llama 3 tiktoken rank file") from None
+
+
+def _training_lines(inputs: Iterable[str | os.PathLike[str]], max_lines: int) -> list[str]:
+    """Non-blank lines of the inputs, thinned evenly (deterministically) to at most max_lines."""
+    lines: list[str] = []
+    for item in inputs:
+        if isinstance(item, os.PathLike):
+            try:
+                text = Path(item).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise TokenizerError(f"{item}: cannot read tokenizer training text ({error})") from error
+        else:
+            text = item
+        lines.extend(line for line in text.splitlines() if line.strip())
+    if not lines:
+        raise TokenizerError("no text to train a tokenizer on")
+    if len(lines) > max_lines:
+        stride = len(lines) / max_lines
+        lines = [lines[int(i * stride)] for i in range(max_lines)]
+    return lines
+
+
+def train_sentencepiece(
+    inputs: Iterable[str | os.PathLike[str]],
+    out_path: PathLike,
+    vocab_size: int,
+    *,
+    max_lines: int = 300_000,
+    character_coverage: float = 0.99995,
+    num_threads: int | None = None,
+) -> SentencePieceTokenizer:
+    """Train a Llama-2-like BPE SentencePiece model and write it atomically to `out_path`.
+
+    `inputs` items that are `os.PathLike` are read as UTF-8 files; `str` items are the text itself.
+    Settings follow Llama 2's tokenizer: BPE, byte fallback, digits split, identity normalization,
+    whitespace kept as is (indentation matters in code), unk/BOS/EOS = 0/1/2. The training lines
+    are thinned by a fixed stride rather than SentencePiece's random sampling, so the same inputs
+    always give the same model.
+    """
+    import sentencepiece
+
+    lines = _training_lines(inputs, max_lines)
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True,
+            split_by_unicode_script=True,
+            split_by_number=True,
+            split_by_whitespace=True,
+            max_sentencepiece_length=16,
+            character_coverage=character_coverage,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            input_sentence_size=len(lines),
+            shuffle_input_sentence=False,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as error:
+        raise TokenizerError(f"SentencePiece training for {out_path} failed: {error}") from error
+    out = Path(out_path)
+    _write_atomically(out, model.getvalue())
+    return SentencePieceTokenizer(model.getvalue(), out)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Readers see either the old file or the complete new one, never a partial write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
