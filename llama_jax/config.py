@@ -1,0 +1,344 @@
+"""Typed configuration: the model's shape, the mesh, and the run.
+
+A run config is YAML (see `configs/`) merged with `key=value` overrides from the command line, validated against
+the dataclasses below by OmegaConf. `model` may be a preset name (`model: llama2-7b`), a mapping of fields, or a
+mapping with `preset:` plus the fields to change. Every mistake is a `ConfigError` naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from llama_jax.errors import ConfigError
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
+ATTENTION_IMPLS = ("auto", "dense", "chunked")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 frequency-dependent RoPE scaling (`use_scaled_rope` in Meta's params.json)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self) -> None:
+        _require(self.factor >= 1.0, "model.rope_scaling.factor", self.factor, "a number >= 1")
+        _require(0 < self.low_freq_factor < self.high_freq_factor, "model.rope_scaling.low_freq_factor",
+                 self.low_freq_factor, f"0 < low_freq_factor < high_freq_factor ({self.high_freq_factor})")
+        _require(self.original_max_position > 0, "model.rope_scaling.original_max_position",
+                 self.original_max_position, "a positive integer")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama model, named as in Meta's params.json, plus how it computes."""
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None = n_heads (multi-head attention)
+    ffn_hidden_dim: int | None = None  # None = derived from multiple_of / ffn_dim_multiplier as Meta does
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    # How it computes (not part of the checkpoint's identity).
+    dtype: str = "bfloat16"  # compute dtype; parameters, softmax, norm statistics, logits and loss stay float32
+    remat_policy: str = "full"
+    attention_impl: str = "auto"  # dense materialises [B, H, S, S] scores; chunked never does; auto picks by length
+    attention_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", "attention_chunk"):
+            _require(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "a positive integer")
+        _require(self.dim % self.n_heads == 0, "model.n_heads", self.n_heads,
+                 f"a divisor of model.dim={self.dim} (e.g. {_divisors_hint(self.dim)})")
+        _require(self.head_dim % 2 == 0, "model.n_heads", self.n_heads,
+                 f"a value making head_dim = dim / n_heads even for rotary embeddings (now {self.head_dim})")
+        kv_heads = self.kv_heads
+        _require(kv_heads > 0 and self.n_heads % kv_heads == 0, "model.n_kv_heads", self.n_kv_heads,
+                 f"a divisor of model.n_heads={self.n_heads} (e.g. {_divisors_hint(self.n_heads)})")
+        _require(self.ffn_hidden_dim is None or self.ffn_hidden_dim > 0, "model.ffn_hidden_dim",
+                 self.ffn_hidden_dim, "a positive integer or null (derived)")
+        _require(self.ffn_dim_multiplier is None or self.ffn_dim_multiplier > 0, "model.ffn_dim_multiplier",
+                 self.ffn_dim_multiplier, "a positive number or null")
+        _require(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "a positive number")
+        _require(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "a positive number")
+        _require(self.dtype in COMPUTE_DTYPES, "model.dtype", self.dtype, f"one of {COMPUTE_DTYPES}")
+        _require(self.remat_policy in REMAT_POLICIES, "model.remat_policy", self.remat_policy,
+                 f"one of {REMAT_POLICIES}")
+        _require(self.attention_impl in ATTENTION_IMPLS, "model.attention_impl", self.attention_impl,
+                 f"one of {ATTENTION_IMPLS}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU width: given, or Meta's rule (2/3 of 4·dim, times the multiplier, rounded up to multiple_of)."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    def num_params(self) -> int:
+        """Exact parameter count (embedding, blocks, final norm, untied head)."""
+        attention = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.kv_heads)
+        block = attention + 3 * self.dim * self.hidden_dim + 2 * self.dim
+        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.vocab_size * self.dim + self.n_layers * block + self.dim + head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token as PaLM's MFU defines them: 6·N_matmul + 12·layers·dim·seq_len.
+
+        N_matmul counts the weights that take part in matrix multiplies (blocks and output head, not the embedding
+        lookup or the norms); the second term is attention scores and values, forward + backward, unmasked.
+        """
+        attention = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.kv_heads)
+        matmul_params = self.n_layers * (attention + 3 * self.dim * self.hidden_dim) + self.vocab_size * self.dim
+        return 6.0 * matmul_params + 12.0 * self.n_layers * self.dim * seq_len
+
+
+def _divisors_hint(n: int) -> str:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    shown = divisors if len(divisors) <= 8 else divisors[:4] + ["..."] + divisors[-3:]
+    return ", ".join(str(d) for d in shown)
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+# The published architectures. Llama 2 from the paper / Meta's params.json; Llama 3 and 3.1 likewise.
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "llama2-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32),
+    "llama2-13b": ModelConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40),
+    "llama2-70b": ModelConfig(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                              multiple_of=4096, ffn_dim_multiplier=1.3),
+    "llama3-8b": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                             multiple_of=1024, ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    "llama3-70b": ModelConfig(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                              multiple_of=4096, ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    "llama3.1-8b": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                               multiple_of=1024, ffn_dim_multiplier=1.3, rope_theta=500000.0,
+                               rope_scaling=RopeScaling(), max_seq_len=131072),
+    # Small sizes for tests, benchmarks and CPU experiments.
+    "tiny": ModelConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden_dim=704,
+                        max_seq_len=1024),
+    "bench-s": ModelConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_hidden_dim=1408,
+                           max_seq_len=4096),
+    "test": ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=160,
+                        max_seq_len=128, dtype="float32"),
+}
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device counts along the three mesh axes; one axis may be -1 to take all remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # global, in sequences
+    seq_len: int = 4096
+    grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
+    log_every_steps: int = 10
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with Llama 2's settings, linear warmup then cosine decay to `min_lr_ratio` of the peak."""
+
+    lr: float = 3e-4
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str | None = None  # None = the default corpus (the Python standard library's sources)
+    tokenizer: str | None = None  # None = a SentencePiece model trained on the corpus and cached
+    valid_path: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 200
+    batches: int = 8
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_dir: str | None = None  # None = runs/<config file stem>
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    # Logical axis name -> mesh axes; None = the default table in llama_jax.sharding.
+    sharding_rules: dict[str, list[str]] | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def resolve_model(spec: str | Mapping[str, Any] | ModelConfig) -> ModelConfig:
+    """A ModelConfig from a preset name, a mapping of fields (optionally with `preset:`), or a ModelConfig."""
+    if isinstance(spec, ModelConfig):
+        return spec
+    if isinstance(spec, str):
+        return _preset(spec)
+    fields = dict(spec)
+    base = _preset(fields.pop("preset")) if "preset" in fields else ModelConfig()
+    return _build(ModelConfig, _merge(_as_plain(base), fields), prefix="model")
+
+
+def _preset(name: str) -> ModelConfig:
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"model={name!r} is not a known preset: expected one of {sorted(MODEL_PRESETS)}")
+    return MODEL_PRESETS[name]
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply `key=value` overrides (values parsed as YAML)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for override in overrides:
+        key, value = _parse_override(override)
+        _set_dotted(raw, key, value)
+    if "model" in raw:
+        raw["model"] = _as_plain(_model_from_raw(raw["model"]))
+    config = _build(RunConfig, raw, prefix="")
+    if config.run_dir is None and path is not None:
+        config = dataclasses.replace(config, run_dir=str(Path("runs") / Path(path).stem))
+    return config
+
+
+def _model_from_raw(value: Any) -> ModelConfig:
+    if isinstance(value, (str, Mapping)):
+        return resolve_model(value)
+    raise ConfigError(f"model={value!r} is not allowed: expected a preset name {sorted(MODEL_PRESETS)} or a mapping")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    return raw
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.steps=100)")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and parts[0] == "model" and i == 0:
+            child = {"preset": child}  # `model: llama2-7b` then `model.n_layers=4`
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _as_plain(config: Any) -> Any:
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    """Validate `raw` against dataclass `cls` with OmegaConf; reword its errors into one ConfigError line."""
+    try:
+        schema = OmegaConf.structured(cls)
+        merged = OmegaConf.merge(schema, OmegaConf.create(dict(raw)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_reword(error, cls, prefix)) from None
+
+
+def _reword(error: OmegaConfBaseException, cls: type, prefix: str) -> str:
+    full_key = getattr(error, "full_key", None) or ""
+    key = f"{prefix}.{full_key}" if prefix and full_key else (full_key or prefix)
+    message = str(error).splitlines()[0]
+    if "not in" in message or "Key '" in message and "not" in message:
+        parent = _dataclass_at(cls, full_key.rsplit(".", 1)[0] if "." in full_key else "")
+        allowed = sorted(f.name for f in dataclasses.fields(parent)) if parent else []
+        return f"unknown config key {key!r}: allowed keys here are {allowed}"
+    return f"config key {key!r}: {message}"
+
+
+def _dataclass_at(cls: type, dotted: str) -> type | None:
+    import typing
+
+    current: Any = cls
+    for part in filter(None, dotted.split(".")):
+        hints = typing.get_type_hints(current)
+        if part not in hints:
+            return None
+        current = hints[part]
+        for arg in typing.get_args(current):  # Optional[X]
+            if dataclasses.is_dataclass(arg):
+                current = arg
+    return current if dataclasses.is_dataclass(current) else None
+
+
+def to_yaml(config: RunConfig) -> str:
+    """The resolved config, as written to `<run_dir>/config.yaml`."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)

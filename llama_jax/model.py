@@ -1,0 +1,330 @@
+"""The Llama 2 / Llama 3 transformer in Flax NNX, top to bottom.
+
+    tokens ─ embedding ─┬─ N × Block ─ RMSNorm ─ output head ─ logits (float32)
+                        │   Block:  x + Attention(RMSNorm(x))       grouped-query, rotary positions
+                        │           x + SwiGLU(RMSNorm(x))
+Conventions:
+- Parameters are float32 and carry their logical axis names (`logical_axes` metadata); `llama_jax.sharding` maps
+  the names onto a device mesh. Blocks are stacked along a leading `layers` axis and applied with a scan, so compile
+  time does not grow with depth.
+- Matrix multiplies take inputs in the compute dtype (`config.dtype`) and accumulate in float32. Softmax, the norms'
+  statistics, rotary angles, logits and loss are float32.
+- Rotary embeddings use the half-split layout (the first half of each head's features pairs with the second half),
+  as Hugging Face stores q/k weights. Meta's checkpoints use the interleaved layout; `llama_jax.convert` permutes
+  the q/k weights once on the way in and out, so the model itself has one convention.
+- Attention masks come from slots, not positions: a query attends to keys at the same or an earlier slot with the same
+  segment id. Segment ids keep packed documents apart (0 marks padding); positions (for RoPE) restart per document.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
+
+from llama_jax.config import ModelConfig
+from llama_jax.sharding import constrain
+
+Array = jax.Array
+LAYERS_METADATA = {nnx.PARTITION_NAME: "layers", "logical_axes": "layers"}
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], logical_axes: tuple[str, ...], std: float = 0.02) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), logical_axes=logical_axes)
+
+
+def _dot(equation: str, x: Array, w: Array, dtype: jnp.dtype) -> Array:
+    """Einsum with inputs in the compute dtype and float32 accumulation (much faster than bf16 out on CPU too)."""
+    return jnp.einsum(equation, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+# ── Normalisation ────────────────────────────────────────────────────────────────────────────────────────────────
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+# ── Rotary position embedding ────────────────────────────────────────────────────────────────────────────────────
+def rope_frequencies(config: ModelConfig) -> Array:
+    """Inverse frequencies θ_i = theta^(-2i/d), with Llama 3.1's scaling of the low frequencies if configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    # Wavelengths shorter than the original context/high_freq_factor are kept, longer than context/low_freq_factor
+    # are divided by `factor`, and the band between is interpolated smoothly (Llama 3.1's `apply_scaling`).
+    wavelength = 2 * math.pi / inv_freq
+    low_freq_wavelength = scaling.original_max_position / scaling.low_freq_factor
+    high_freq_wavelength = scaling.original_max_position / scaling.high_freq_factor
+    smooth = (scaling.original_max_position / wavelength - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = jnp.where(wavelength > low_freq_wavelength, inv_freq / scaling.factor, interpolated)
+    return jnp.where(wavelength < high_freq_wavelength, inv_freq, scaled)
+
+
+class Rotary(NamedTuple):
+    cos: Array  # [batch, seq, head_dim/2] float32
+    sin: Array
+
+    @classmethod
+    def at(cls, positions: Array, inv_freq: Array) -> "Rotary":
+        angles = positions.astype(jnp.float32)[..., None] * inv_freq
+        return cls(jnp.cos(angles), jnp.sin(angles))
+
+    def apply(self, x: Array) -> Array:
+        """Rotate [batch, seq, heads, head_dim] features pairwise: (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin)."""
+        x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+        cos, sin = self.cos[:, :, None, :], self.sin[:, :, None, :]
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# ── Attention ────────────────────────────────────────────────────────────────────────────────────────────────────
+class AttentionMask(NamedTuple):
+    """What each query may see: keys at a slot ≤ its own slot, with the same segment id."""
+
+    query_slots: Array  # [batch, q_len] int32
+    query_segments: Array  # [batch, q_len] int32
+    key_slots: Array  # [batch, kv_len] int32
+    key_segments: Array  # [batch, kv_len] int32
+
+    def dense(self, q_range: slice = slice(None), kv_range: slice = slice(None)) -> Array:
+        q_slots, q_segments = self.query_slots[:, q_range], self.query_segments[:, q_range]
+        k_slots, k_segments = self.key_slots[:, kv_range], self.key_segments[:, kv_range]
+        causal = k_slots[:, None, :] <= q_slots[:, :, None]
+        same_segment = k_segments[:, None, :] == q_segments[:, :, None]
+        return causal & same_segment  # [batch, q_len, kv_len]
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Softmax(q·kᵀ/√d) v for grouped queries: q [b, s, heads, d], k/v [b, t, kv_heads, d], mask [b, s, t]."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    grouped = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("bskgd,btkd->bkgst", grouped, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores / math.sqrt(head_dim), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+
+def attend_in_chunks(q: Array, k: Array, v: Array, mask: AttentionMask, chunk: int) -> Array:
+    """Causal self-attention one block of queries at a time, never holding the full [s, s] score matrix.
+
+    A query block [start, end) only needs keys [0, end), so the masked upper triangle is skipped entirely (about half
+    the FLOPs of dense attention), and each block is rematerialised in the backward pass instead of storing its
+    probabilities.
+    """
+    outputs = []
+    for start in range(0, q.shape[1], chunk):
+        end = min(start + chunk, q.shape[1])
+        block_mask = mask.dense(slice(start, end), slice(0, end))
+        block = jax.checkpoint(attend)(q[:, start:end], k[:, :end], v[:, :end], block_mask)
+        outputs.append(block)
+    return jnp.concatenate(outputs, axis=1)
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for decoding: slots [0, index) are filled; segment 0 marks empty or padding."""
+
+    keys: Array  # [layers, batch, max_len, kv_heads, head_dim]
+    values: Array
+    segment_ids: Array  # [batch, max_len] int32
+    index: Array  # int32 scalar: the next slot to write
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, max_len: int) -> "KVCache":
+        shape = (config.n_layers, batch, max_len, config.kv_heads, config.head_dim)
+        dtype = jnp.dtype(config.dtype)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
+                   jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.segment_ids.shape[1]
+
+
+class LayerInputs(NamedTuple):
+    """Everything a block needs besides the residual stream, shared by all layers."""
+
+    rotary: Rotary
+    mask: AttentionMask
+    cache_index: Array | None  # where this call's keys/values go in the cache, or None without a cache
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        dim, heads, kv_heads, head_dim = config.dim, config.n_heads, config.kv_heads, config.head_dim
+        self.w_q = _param(rngs, (dim, heads, head_dim), ("embed", "heads", "head_dim"))
+        self.w_k = _param(rngs, (dim, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
+        self.w_v = _param(rngs, (dim, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
+        self.w_o = _param(rngs, (heads, head_dim, dim), ("heads", "head_dim", "embed"))
+        self.config = config
+
+    def __call__(self, x: Array, inputs: LayerInputs, cache: tuple[Array, Array] | None):
+        config, dtype = self.config, jnp.dtype(self.config.dtype)
+        q = inputs.rotary.apply(_dot("bsd,dhk->bshk", x, self.w_q[...], dtype)).astype(dtype)
+        k = inputs.rotary.apply(_dot("bsd,dhk->bshk", x, self.w_k[...], dtype)).astype(dtype)
+        v = _dot("bsd,dhk->bshk", x, self.w_v[...], dtype).astype(dtype)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        if cache is not None:
+            k_all, v_all = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, inputs.cache_index, 0, 0))
+                            for c, new in zip(cache, (k, v)))
+            out = attend(q, k_all, v_all, inputs.mask.dense())
+            cache = (k_all, v_all)
+        elif self._chunked(x.shape[1]):
+            out = attend_in_chunks(q, k, v, inputs.mask, config.attention_chunk)
+        else:
+            out = attend(q, k, v, inputs.mask.dense())
+        out = checkpoint_name(out, "attention_out")
+        return _dot("bshk,hkd->bsd", out, self.w_o[...], dtype).astype(x.dtype), cache
+
+    def _chunked(self, length: int) -> bool:
+        impl = self.config.attention_impl
+        return impl == "chunked" or (impl == "auto" and length > self.config.attention_chunk)
+
+
+# ── Feed-forward ─────────────────────────────────────────────────────────────────────────────────────────────────
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) ⊙ up(x))."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        dim, hidden = config.dim, config.hidden_dim
+        self.w_gate = _param(rngs, (dim, hidden), ("embed", "mlp"))
+        self.w_up = _param(rngs, (dim, hidden), ("embed", "mlp"))
+        self.w_down = _param(rngs, (hidden, dim), ("mlp", "embed"))
+        self.dtype = jnp.dtype(config.dtype)
+
+    def __call__(self, x: Array) -> Array:
+        gate = _dot("bsd,df->bsf", x, self.w_gate[...], self.dtype)
+        up = _dot("bsd,df->bsf", x, self.w_up[...], self.dtype)
+        hidden = constrain((jax.nn.silu(gate) * up).astype(self.dtype), ("batch", "length", "mlp"))
+        return _dot("bsf,fd->bsd", hidden, self.w_down[...], self.dtype).astype(x.dtype)
+
+
+# ── Transformer block ────────────────────────────────────────────────────────────────────────────────────────────
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, rngs)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = SwiGLU(config, rngs)
+
+    def __call__(self, x: Array, inputs: LayerInputs, cache: tuple[Array, Array] | None):
+        attention_out, cache = self.attention(self.attention_norm(x), inputs, cache)
+        x = x + attention_out
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "length", "embed")), cache
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a block: recompute it all in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+# ── The model ────────────────────────────────────────────────────────────────────────────────────────────────────
+class Llama(nnx.Module):
+    """Call on int32 token ids [batch, seq] to get float32 logits [batch, seq, vocab]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.embedding = _param(rngs, (config.vocab_size, config.dim), ("vocab", "embed"))
+
+        @nnx.split_rngs(splits=config.n_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=LAYERS_METADATA)
+        def stacked_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(config, rngs)
+
+        self.blocks = stacked_blocks(rngs)
+        self.final_norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = None if config.tie_embeddings else _param(rngs, (config.dim, config.vocab_size),
+                                                                 ("embed", "vocab"))
+
+    def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
+                 cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
+        """Logits for `tokens`; with a `cache`, also the cache with these tokens' keys and values appended.
+
+        positions: rotary position of each token (default: its slot; restart at 0 per packed document).
+        segment_ids: which document each token belongs to (default: all one); tokens attend within their segment.
+        """
+        hidden, cache = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, cache)
+
+    def hidden_states(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
+                      cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+        """The final-normed hidden states [batch, seq, dim] (compute dtype), before the output head."""
+        config = self.config
+        batch, length = tokens.shape
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        slots = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+        positions = slots if positions is None else positions
+        segment_ids = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
+
+        if cache is None:
+            mask = AttentionMask(slots, segment_ids, slots, segment_ids)
+        else:
+            cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, start))
+            cache_slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (batch, cache.max_len))
+            mask = AttentionMask(slots, segment_ids, cache_slots, cache_segments)
+        inputs = LayerInputs(Rotary.at(positions, rope_frequencies(config)), mask, None if cache is None else start)
+
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(config.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        layer_caches = None if cache is None else (cache.keys, cache.values)
+        x, layer_caches = self._run_blocks(x, inputs, layer_caches)
+        hidden = self.final_norm(x)
+        if cache is not None:
+            cache = KVCache(layer_caches[0], layer_caches[1], mask.key_segments, start + length)
+        return hidden, cache
+
+    def logits(self, hidden: Array) -> Array:
+        """The output head, float32 logits [..., vocab]."""
+        dtype = jnp.dtype(self.config.dtype)
+        if self.output is None:
+            return _dot("bsd,vd->bsv", hidden, self.embedding[...], dtype)
+        return _dot("bsd,dv->bsv", hidden, self.output[...], dtype)
+
+    def _run_blocks(self, x: Array, inputs: LayerInputs, layer_caches):
+        policy = self.config.remat_policy
+
+        def apply_block(x, block, layer_cache, inputs):
+            return block(x, inputs, layer_cache)
+
+        if policy != "none":
+            apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[policy])
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0, None), out_axes=(nnx.Carry, 0), transform_metadata=LAYERS_METADATA)
+        def scan_blocks(x, block, layer_cache, inputs):
+            return apply_block(x, block, layer_cache, inputs)
+
+        return scan_blocks(x, self.blocks, layer_caches, inputs)
+
+
+def cross_entropy(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array]:
+    """Sum of token losses and sum of weights (so callers can average over micro-batches and hosts exactly)."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_loss = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(token_loss * weights), jnp.sum(weights)
+
+
+def abstract_model(config: ModelConfig) -> Llama:
+    """The model with ShapeDtypeStructs for parameters: nothing is allocated (for 7B-70B planning and checks)."""
+    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))

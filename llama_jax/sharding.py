@@ -1,0 +1,163 @@
+"""Sharding as data: logical axis names → mesh axes through one rules table.
+
+Parameters carry logical names (`logical_axes` metadata, e.g. ('embed', 'mlp')); activations are constrained with
+logical names at block boundaries. `DEFAULT_RULES` maps each name onto the (data, fsdp, tensor) mesh:
+
+    batch → (data, fsdp)     embed → fsdp      heads, kv_heads, mlp, vocab → tensor     length, head_dim, layers → -
+
+Two resolution rules keep any table valid on any mesh and any model size:
+- a mesh axis serves at most one dimension of an array (the first that asks for it), so an activation
+  [batch, length, embed] is split over (data, fsdp) on batch only, while a weight [embed, mlp] is split fsdp × tensor;
+- a mesh axis that does not divide a dimension is left out for that array (it is replicated instead), so a tiny test
+  model or a batch smaller than the mesh still compiles.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
+
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("embed", ("fsdp",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("vocab", ("tensor",)),
+    ("length", ()),
+    ("head_dim", ()),
+    ("layers", ()),
+)
+
+
+def rules_from_config(table: Mapping[str, Sequence[str] | str | None] | None) -> Rules:
+    """The rules table from config (`sharding_rules:`), checked; None gives DEFAULT_RULES."""
+    if table is None:
+        return DEFAULT_RULES
+    rules = []
+    for logical, mesh_axes in table.items():
+        if logical not in LOGICAL_AXES:
+            raise ConfigError(f"sharding_rules.{logical}: unknown logical axis; expected one of {LOGICAL_AXES}")
+        axes = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        for axis in axes:
+            if axis not in MESH_AXES:
+                raise ConfigError(f"sharding_rules.{logical}={list(axes)}: unknown mesh axis {axis!r}; "
+                                  f"expected some of {MESH_AXES}")
+        rules.append((logical, axes))
+    missing = set(LOGICAL_AXES) - {name for name, _ in rules}
+    return tuple(rules) + tuple((name, ()) for name in LOGICAL_AXES if name in missing)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    for name, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{name}={size} is not allowed: expected a positive integer or -1 (the rest)")
+    auto = [name for name, size in sizes.items() if size == -1]
+    if len(auto) > 1:
+        raise ConfigError(f"mesh: only one of {auto} may be -1")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if auto:
+        if len(devices) % known:
+            raise ConfigError(f"mesh: {len(devices)} devices cannot be split with {sizes} (the fixed sizes' "
+                              f"product {known} must divide the device count)")
+        sizes[auto[0]] = len(devices) // known
+    if math.prod(sizes.values()) != len(devices):
+        raise ConfigError(f"mesh: data×fsdp×tensor = {sizes['data']}×{sizes['fsdp']}×{sizes['tensor']} = "
+                          f"{math.prod(sizes.values())} but {len(devices)} devices are present")
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    grid = np.asarray(devices, dtype=object).reshape(shape)
+    # Auto axes: XLA chooses how to shard intermediate values; explicit axes reject ambiguous contractions.
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_from_config(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules, shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None) -> PartitionSpec:
+    """The PartitionSpec for an array whose dimensions have these logical names (see the module's two rules)."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec: list[tuple[str, ...] | None] = []
+    for dim, logical in enumerate(logical_axes):
+        kept: list[str] = []
+        for axis in table.get(logical, ()) if logical is not None else ():
+            if axis in used:
+                continue
+            if shape is not None and mesh is not None:
+                size = mesh.shape[axis] * math.prod(mesh.shape[a] for a in kept)
+                if shape[dim] % size:
+                    continue
+            kept.append(axis)
+        used.update(kept)
+        spec.append(tuple(kept) if kept else None)
+    return PartitionSpec(*spec)
+
+
+def _logical_axes_of(variable: nnx.Variable) -> tuple[str, ...]:
+    axes = variable.get_metadata().get("logical_axes")
+    if axes is None:
+        return (None,) * len(variable.shape)  # e.g. optimizer step counters: replicated
+    return tuple(axes)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
+    """NamedShardings for every variable of an NNX state (concrete or abstract), from its logical axes."""
+
+    def sharding_of(variable: nnx.Variable) -> nnx.Variable:
+        spec = logical_to_spec(_logical_axes_of(variable), rules, variable.shape, mesh)
+        return variable.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, shape: Sequence[int] | None = None) -> NamedSharding:
+    """Sharding of [batch, length] token arrays."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, shape, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+    """While tracing under this context, `constrain` pins activations to the mesh by the rules."""
+    with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(rules):
+        yield
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's sharding by logical names; a no-op outside `activation_sharding`."""
+    rules = flax_spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    spec = logical_to_spec(logical_axes, tuple(rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def bytes_per_device(arrays: Any) -> dict[jax.Device, int]:
+    """Bytes each device holds for a tree of (sharded) arrays, read from their shards."""
+    totals: dict[jax.Device, int] = {}
+    for array in jax.tree.leaves(arrays):
+        for shard in array.addressable_shards:
+            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+    return totals
