@@ -336,7 +336,9 @@ def _objective(
     return float(value.sum()) / delta**2, gradient / delta**2
 
 
-def _grid_objectives(grid: np.ndarray, log_params: np.ndarray, log_tokens: np.ndarray, log_losses: np.ndarray, delta: float) -> np.ndarray:
+def _grid_objectives(
+    grid: np.ndarray, log_params: np.ndarray, log_tokens: np.ndarray, log_losses: np.ndarray, delta: float
+) -> np.ndarray:
     """The objective at every starting point at once (vectorised: thousands of points, no optimiser)."""
     residuals = _logsumexp_last(_log_prediction_terms(grid, log_params, log_tokens)) - log_losses
     return _huber(residuals, delta)[0].sum(axis=-1) / delta**2
@@ -366,7 +368,7 @@ def _best_starts(grid: np.ndarray, count: int, *data: np.ndarray) -> np.ndarray:
 def _theta_to_parameters(theta: np.ndarray) -> np.ndarray:
     """(a, b, e, α, β) → (E, A, B, α, β)."""
     a, b, e, alpha, beta = theta
-    return np.array([math.exp(e), math.exp(a), math.exp(b), alpha, beta])
+    return np.array([np.exp(e), np.exp(a), np.exp(b), alpha, beta])
 
 
 @dataclass(frozen=True, eq=False)
@@ -510,7 +512,8 @@ def parametric_optimum(parameters: np.ndarray, flops: np.ndarray | float) -> tup
     Broadcasts: parameters (..., 5) against flops.
     """
     _, coef_a, coef_b, alpha, beta = np.moveaxis(np.asarray(parameters, dtype=float), -1, 0)
-    alpha, beta, coef_a, coef_b = (np.expand_dims(x, -1) if np.ndim(flops) else x for x in (alpha, beta, coef_a, coef_b))
+    if np.ndim(flops):  # one row of results per parameter set, one column per budget
+        alpha, beta, coef_a, coef_b = (np.expand_dims(x, -1) for x in (alpha, beta, coef_a, coef_b))
     scale = (alpha * coef_a / (beta * coef_b)) ** (1 / (alpha + beta))
     tokens_per_flop_unit = np.asarray(flops, dtype=float) / FLOPS_PER_PARAM_PER_TOKEN
     return (
@@ -632,11 +635,18 @@ def _parametric_lines(fit: ParametricFit) -> list[str]:
     return lines
 
 
+def _with_interval(value: float, interval: tuple[float, float]) -> str:
+    if not all(math.isfinite(bound) for bound in interval):
+        return f"{value:.3g}"
+    return f"{value:.3g} [{interval[0]:.3g}, {interval[1]:.3g}]"
+
+
 def _allocation_line(allocation: Allocation) -> str:
-    percent = f"{100 * allocation.level:g}%"
-    text = (f"  {allocation.method:<10} N = {allocation.params:.3g} [{allocation.params_interval[0]:.3g}, "
-            f"{allocation.params_interval[1]:.3g}], D = {allocation.tokens:.3g} [{allocation.tokens_interval[0]:.3g}, "
-            f"{allocation.tokens_interval[1]:.3g}] ({percent}), D/N = {allocation.tokens_per_param:.1f}")
+    has_interval = all(math.isfinite(bound) for bound in allocation.params_interval)
+    text = (f"  {allocation.method:<10} N = {_with_interval(allocation.params, allocation.params_interval)}, "
+            f"D = {_with_interval(allocation.tokens, allocation.tokens_interval)}"
+            + (f" ({100 * allocation.level:g}% intervals)" if has_interval else " (no interval)")
+            + f", D/N = {allocation.tokens_per_param:.1f}")
     if allocation.predicted_loss is not None:
         text += f", predicted loss {allocation.predicted_loss:.4f}"
     return text
@@ -783,8 +793,9 @@ def _isoflop_figure(fit: IsoFlopFit):
 
 def _frontier_figure(results, isoflop_fit, parametric_fit, target_flops):
     figure, (params_axes, tokens_axes) = _new_figure(columns=2)
-    lowest = min(r.flops for r in results) / 2
-    highest = max(max(r.flops for r in results), target_flops or 0) * 2
+    fitted_flops = [r.flops for r in results]
+    lowest = min(fitted_flops + ([target_flops] if target_flops else [])) / 2
+    highest = max(fitted_flops + ([target_flops] if target_flops else [])) * 2
     flops = np.geomspace(lowest, highest, 100)
     if isoflop_fit is not None:
         _plot_isoflop_frontier(isoflop_fit, flops, params_axes, tokens_axes)

@@ -152,7 +152,8 @@ def test_flops_default_to_six_n_d_unless_given():
 
 
 def test_runs_without_budget_are_grouped_by_nearby_flops():
-    runs = [RunResult(n, 1.0, 3.0, flops=c) for n, c in ((1, 1.00e18), (2, 1.02e18), (3, 0.99e18), (4, 1e19), (5, 1.01e19))]
+    sizes_and_flops = ((1, 1.00e18), (2, 1.02e18), (3, 0.99e18), (4, 1e19), (5, 1.01e19))
+    runs = [RunResult(n, 1.0, 3.0, flops=c) for n, c in sizes_and_flops]
     groups = group_by_budget(runs)
     assert [sorted(run.params for run in members) for _, members in groups] == [[1, 2, 3], [4, 5]]
     assert groups[0][0] == pytest.approx(1e18, rel=0.02)
@@ -235,3 +236,11 @@ def test_plots_are_written_as_png_files(sweep, isoflop, parametric, tmp_path):
     for path in paths.values():
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, path
+
+
+def test_two_budgets_give_exponents_without_uncertainty(sweep):
+    fit = fit_isoflop(sweep[:14])
+    assert len(fit.profiles) == 2 and math.isnan(fit.params_law.exponent_stderr)
+    report = format_report(fit, None, target_flops=1e19)
+    assert "± n/a  (no uncertainty with 2 budgets)" in report
+    assert "(no interval)" in report and "(extrapolated 10× beyond the largest fitted budget 1e+18)" in report
