@@ -348,7 +348,7 @@ def train_sentencepiece(
             bos_id=1,
             eos_id=2,
             pad_id=-1,
-            input_sentence_size=len(lines),
+            input_sentence_size=0,  # no sampling: lines were thinned above
             shuffle_input_sentence=False,
             num_threads=num_threads or os.cpu_count() or 1,
             minloglevel=2,
