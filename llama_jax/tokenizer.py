@@ -247,7 +247,8 @@ class Llama3Tokenizer(Tokenizer):
         try:
             return self._special_ids[token]
         except KeyError:
-            raise TokenizerError(f"unknown special token {token!r} for Llama 3 tokenizer {self.path or '<bytes>'}") from None
+            source = self.path or "<bytes>"
+            raise TokenizerError(f"unknown special token {token!r} for Llama 3 tokenizer {source}") from None
 
     def fingerprint(self) -> str:
         return _sha256(self._file_bytes)

@@ -64,6 +64,10 @@ class ByteTokenizer(Tokenizer):
         return "byte-tokenizer-v1"
 
 
+def subprocess_environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+
 def write_jsonl(path: Path, texts: Sequence[str]) -> Path:
     path.write_text("".join(json.dumps({"text": text, "id": i}) + "\n" for i, text in enumerate(texts)))
     return path
@@ -192,7 +196,7 @@ def test_batch_identical_in_a_fresh_process(sp_store, tmp_path):
         np.savez({str(out)!r}, **batch_for_step(store, step=7, global_batch=4, seq_len=24, seed=123))
         """
     )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO_ROOT, env=subprocess_environment())
     theirs = np.load(out)
     ours = batch_for_step(TokenStore.open(sp_store.address), step=7, global_batch=4, seq_len=24, seed=123)
     for key, value in ours.items():
@@ -202,7 +206,10 @@ def test_batch_identical_in_a_fresh_process(sp_store, tmp_path):
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_shards_concatenate_to_the_global_batch(sp_store, process_count):
     whole = batch_for_step(sp_store, step=5, global_batch=8, seq_len=20, seed=9)
-    shards = [batch_for_step(sp_store, 5, 8, 20, 9, process_index=i, process_count=process_count) for i in range(process_count)]
+    shards = [
+        batch_for_step(sp_store, 5, 8, 20, 9, process_index=i, process_count=process_count)
+        for i in range(process_count)
+    ]
     for key, value in whole.items():
         np.testing.assert_array_equal(np.concatenate([shard[key] for shard in shards]), value, err_msg=key)
 
@@ -305,7 +312,7 @@ def test_killed_build_is_never_used(tmp_path, sp_tokenizer):
         data.build_store({str(source)!r}, tokenizer, {str(tmp_path / "store")!r})
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=subprocess_environment())
     assert result.returncode == -signal.SIGKILL
     assert list(tmp_path.glob(".store.building-*")), "the killed build left its staging directory"
     with pytest.raises(DataError):
@@ -372,7 +379,8 @@ def test_missing_source(tmp_path):
 def test_out_of_vocabulary_token_on_read(tmp_path, preload_limit_bytes):
     source = write_jsonl(tmp_path / "docs.jsonl", ["hello", "world"])
     build_store(source, ByteTokenizer(), tmp_path / "store")
-    tokens = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "store" / "tokens")}}).result()
+    tokens_path = tmp_path / "store" / "tokens"
+    tokens = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tokens_path)}}).result()
     tokens[3].write(np.uint16(300)).result()  # vocabulary is 259
     store = TokenStore.open(tmp_path / "store", preload_limit_bytes=preload_limit_bytes)
     with pytest.raises(DataError, match=r"store.*token id 300 at token index 3 is outside the vocabulary \(size 259\)"):
@@ -400,22 +408,24 @@ def test_default_corpus_split_is_deterministic_and_disjoint():
     assert 0.005 < len(valid) / (len(train) + len(valid)) < 0.05
     everything = train + valid
     assert all(path.suffix == ".py" for path in everything)
-    assert not [p for p in everything if {"site-packages", "test", "tests"} & set(p.relative_to(data.stdlib_dir()).parts)]
+    excluded = {"site-packages", "test", "tests"}
+    assert not [p for p in everything if excluded & set(p.relative_to(data.stdlib_dir()).parts)]
     assert data.stdlib_dir() / "json" / "decoder.py" in everything
 
 
 def split_by_rule(relative: str) -> str:
-    """The documented rule, restated: sha256 of the relative path, first 8 bytes big-endian, mod 1000 < 20."""
+    """The documented rule, restated: sha256 of the relative path, first 8 bytes big-endian, mod 1000 < 10."""
     value = int.from_bytes(hashlib.sha256(relative.encode()).digest()[:8], "big")
-    return "valid" if value % 1000 < 20 else "train"
+    return "valid" if value % 1000 < 10 else "train"
 
 
 @pytest.fixture
 def fake_stdlib(tmp_path) -> Path:
     """A small stand-in for the standard library, with names chosen so both splits are non-empty."""
     root = tmp_path / "stdlib"
-    names = [f"module_{i}.py" for i in range(400)]
-    chosen = [n for n in names if split_by_rule(n) == "valid"][:3] + [n for n in names if split_by_rule(n) == "train"][:30]
+    names = [f"module_{i}.py" for i in range(1000)]
+    valid = [name for name in names if split_by_rule(name) == "valid"][:3]
+    chosen = valid + [name for name in names if split_by_rule(name) == "train"][:30]
     for index, name in enumerate(chosen):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(f"def function_{index}(x):\n    return x + {index}\n\n# {'note ' * index}\n")
@@ -429,7 +439,8 @@ def fake_stdlib(tmp_path) -> Path:
 def test_default_corpus_split_follows_the_rule(fake_stdlib):
     valid = default_corpus("valid", root=fake_stdlib)
     train = default_corpus("train", root=fake_stdlib)
-    assert [p.name for p in valid] == sorted(p.name for p in fake_stdlib.glob("*.py") if split_by_rule(p.name) == "valid")
+    expected = sorted(p.name for p in fake_stdlib.glob("*.py") if split_by_rule(p.name) == "valid")
+    assert [p.name for p in valid] == expected
     assert len(valid) == 3 and len(train) == 30
 
 
