@@ -174,9 +174,6 @@ class _Location:
             return {"driver": "file", "path": str(self.path / name)}
         return f"{self.address.rstrip('/')}/{name}/"
 
-    def child(self, name: str) -> _Location:
-        return _Location(str(self.path / name)) if self.is_local else _Location(f"{self.address.rstrip('/')}/{name}")
-
     def read_manifest(self) -> dict | None:
         """The manifest, or None when there is none (an unfinished or absent store)."""
         if self.is_local:
