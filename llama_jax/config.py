@@ -342,3 +342,22 @@ def _dataclass_at(cls: type, dotted: str) -> type | None:
 def to_yaml(config: RunConfig) -> str:
     """The resolved config, as written to `<run_dir>/config.yaml`."""
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m llama_jax.config [CONFIG.yaml] [key=value ...]`: print the resolved config and the model's size."""
+    if argv and argv[0] in ("-h", "--help"):
+        print(main.__doc__)
+        print("\nKeys and defaults:\n" + to_yaml(RunConfig()))
+        return 0
+    path = argv[0] if argv and "=" not in argv[0] else None
+    config = load_config(path, argv[1:] if path else argv)
+    print(to_yaml(config), end="")
+    print(f"# parameters: {config.model.num_params():,}")
+    return 0
+
+
+if __name__ == "__main__":
+    from llama_jax.errors import run_program
+
+    run_program(main)

@@ -148,10 +148,21 @@ def meta_mappings(config: ModelConfig) -> list[TensorMapping]:
     return _mappings(config, META_NAMES, rotary_interleaved=True)
 
 
-def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter names and shapes, from abstract shapes (nothing is allocated)."""
+@dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    logical_axes: tuple[str, ...]
+
+
+def param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
+    """Our parameter names, shapes and logical axes, from abstract shapes (nothing is allocated)."""
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-    return {name: tuple(value.shape) for name, value in _flat(nnx.state(abstract, nnx.Param)).items()}
+    return {name: ParamSpec(tuple(variable.shape), tuple(variable.get_metadata()["logical_axes"]))
+            for name, variable in _flat(nnx.state(abstract, nnx.Param)).items()}
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {name: spec.shape for name, spec in param_specs(config).items()}
 
 
 def params_from_external(config: ModelConfig, mappings: list[TensorMapping],
@@ -191,6 +202,11 @@ def _flat(state: nnx.State) -> dict[str, nnx.Variable]:
 def model_params(model: Llama) -> dict[str, jax.Array]:
     """Our parameters by dotted name."""
     return {name: variable[...] for name, variable in _flat(nnx.state(model, nnx.Param)).items()}
+
+
+def merge_params(graphdef: nnx.GraphDef, params: Mapping[str, jax.Array]) -> Llama:
+    """A model from its graph definition and flat parameters (works inside jit: the parameters may be tracers)."""
+    return nnx.merge(graphdef, nnx.from_flat_state([(tuple(name.split(".")), value) for name, value in params.items()]))
 
 
 def model_from_params(config: ModelConfig, params: Mapping[str, np.ndarray | jax.Array]) -> Llama:

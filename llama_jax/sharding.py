@@ -19,7 +19,6 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -111,21 +110,10 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules, shape: Seq
     return PartitionSpec(*spec)
 
 
-def _logical_axes_of(variable: nnx.Variable) -> tuple[str, ...]:
-    axes = variable.get_metadata().get("logical_axes")
-    if axes is None:
-        return (None,) * len(variable.shape)  # e.g. optimizer step counters: replicated
-    return tuple(axes)
-
-
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
-    """NamedShardings for every variable of an NNX state (concrete or abstract), from its logical axes."""
-
-    def sharding_of(variable: nnx.Variable) -> nnx.Variable:
-        spec = logical_to_spec(_logical_axes_of(variable), rules, variable.shape, mesh)
-        return variable.replace(NamedSharding(mesh, spec))
-
-    return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def param_shardings(specs: Mapping[str, Any], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, NamedSharding]:
+    """NamedShardings for flat parameters, from objects with `.shape` and `.logical_axes` (`layout.param_specs`)."""
+    return {name: NamedSharding(mesh, logical_to_spec(spec.logical_axes, rules, spec.shape, mesh))
+            for name, spec in specs.items()}
 
 
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, shape: Sequence[int] | None = None) -> NamedSharding:

@@ -1,0 +1,208 @@
+"""The train step: a pure function (state, batch) → (state, metrics) under `jax.jit` with explicit shardings.
+
+Everything a resumed run needs lives in `TrainState` (parameters, optimizer state, step, RNG, data position);
+nothing stateful hides in Python objects. Parameters are a flat dict {dotted name: float32 array} — the same form
+checkpoints and converters use — merged into the NNX module inside the step.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+
+from llama_jax.config import ModelConfig, OptimizerConfig
+from llama_jax.layout import merge_params, param_specs
+from llama_jax.model import Llama
+from llama_jax.sharding import (DEFAULT_RULES, Rules, activation_sharding, batch_sharding, param_shardings,
+                                replicated)
+
+Batch = Mapping[str, jax.Array]  # tokens, targets, loss_mask [batch, seq]; optional positions, segment_ids
+LOSS_CHUNK = 256  # sequence positions per output-head chunk: full-vocab logits are never materialised at once
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict[str, jax.Array]
+    opt_state: optax.OptState
+    rng: jax.Array  # uint32[2] raw key data (checkpoint-friendly)
+    data_skip: jax.Array  # int32 scalar: batches skipped by rollbacks; the next batch index is step + data_skip
+
+
+def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio of the peak at the last step (Llama 2)."""
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+        end_value=config.lr * config.min_lr_ratio)
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (β1 0.9, β2 0.95, eps 1e-5, weight decay 0.1) after global-norm clipping; norm scales are not decayed."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(learning_rate_schedule(config, total_steps), b1=config.b1, b2=config.b2, eps=config.eps,
+                    weight_decay=config.weight_decay,
+                    mask=lambda params: {name: value.ndim > 1 and not name.endswith(".scale")
+                                         for name, value in params.items()}),
+    )
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """Builds the jitted init and step functions for one model, optimizer and mesh."""
+
+    model_config: ModelConfig
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: Mesh
+    rules: Rules = DEFAULT_RULES
+    grad_accum: int = 1
+
+    @classmethod
+    def create(cls, model_config: ModelConfig, optimizer_config: OptimizerConfig, total_steps: int, mesh: Mesh,
+               rules: Rules = DEFAULT_RULES, grad_accum: int = 1) -> "Trainer":
+        return cls(model_config, make_optimizer(optimizer_config, total_steps),
+                   learning_rate_schedule(optimizer_config, total_steps), mesh, rules, grad_accum)
+
+    @functools.cached_property
+    def graphdef(self) -> nnx.GraphDef:
+        return nnx.split(nnx.eval_shape(lambda: Llama(self.model_config, rngs=nnx.Rngs(0))), nnx.Param)[0]
+
+    # ── Shardings ────────────────────────────────────────────────────────────────────────────────────────────
+    def param_shardings(self) -> dict[str, NamedSharding]:
+        return param_shardings(param_specs(self.model_config), self.mesh, self.rules)
+
+    def state_shardings(self) -> TrainState:
+        params = self.param_shardings()
+        abstract_opt_state = jax.eval_shape(self.optimizer.init, {name: jax.ShapeDtypeStruct(spec.shape, jnp.float32)
+                                                                  for name, spec in param_specs(self.model_config).items()})
+        opt_state = optax.tree_map_params(self.optimizer, lambda _, sharding: sharding, abstract_opt_state, params,
+                                          transform_non_params=lambda _: replicated(self.mesh))
+        scalar = replicated(self.mesh)
+        return TrainState(step=scalar, params=params, opt_state=opt_state, rng=scalar, data_skip=scalar)
+
+    def batch_shardings(self, batch_shape: tuple[int, int]) -> NamedSharding:
+        return batch_sharding(self.mesh, self.rules, batch_shape)
+
+    # ── Initialisation ───────────────────────────────────────────────────────────────────────────────────────
+    def init_state(self, seed: int) -> TrainState:
+        """Fresh parameters and optimizer state, created directly in their shards."""
+        return jax.jit(self._init, static_argnums=0, out_shardings=self.state_shardings())(seed)
+
+    def abstract_state(self, seed: int = 0) -> TrainState:
+        """Shapes and dtypes of the state, nothing allocated (planning 7B-70B runs)."""
+        return jax.eval_shape(lambda: self._init(seed))
+
+    def _init(self, seed: int) -> TrainState:
+        params_key, rng = jax.random.split(jax.random.key(seed))
+        model = Llama(self.model_config, rngs=nnx.Rngs(params=params_key))
+        params = {".".join(map(str, path)): variable[...]
+                  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params),
+                          rng=jax.random.key_data(rng), data_skip=jnp.zeros((), jnp.int32))
+
+    # ── The step ─────────────────────────────────────────────────────────────────────────────────────────────
+    def jit_step(self, batch_shape: tuple[int, int]) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+        """train_step under jax.jit: explicit in/out shardings, the state donated."""
+        state_shardings = self.state_shardings()
+        batch = self.batch_shardings(batch_shape)
+        metrics = replicated(self.mesh)
+        return self.under_rules(jax.jit(self.train_step, in_shardings=(state_shardings, batch),
+                                        out_shardings=(state_shardings, metrics), donate_argnums=0))
+
+    def under_rules(self, jitted: Callable) -> Callable:
+        """Call (and so trace) `jitted` with the mesh and rules in context, so activations get constrained."""
+
+        @functools.wraps(jitted)
+        def call(*args):
+            with activation_sharding(self.mesh, self.rules):
+                return jitted(*args)
+
+        call.lower = lambda *args: self._lower(jitted, *args)
+        return call
+
+    def _lower(self, jitted, *args):
+        with activation_sharding(self.mesh, self.rules):
+            return jitted.lower(*args)
+
+    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        loss, grads, tokens = self.loss_and_grads(state.params, batch)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state.step),
+                   "tokens": tokens}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def loss_and_grads(self, params: dict[str, jax.Array], batch: Batch) -> tuple[jax.Array, dict, jax.Array]:
+        """Mean token loss over the whole batch and its gradient, accumulated over `grad_accum` micro-batches."""
+        micro_batches = jax.tree.map(self._split_micro_batches, dict(batch))
+        graphdef = self.graphdef
+
+        def accumulate(carry, micro_batch):
+            loss_sum, weight_sum, grad_sum = carry
+            (loss, weight), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, graphdef, micro_batch)
+            return (loss_sum + loss, weight_sum + weight, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+        (loss_sum, weight_sum, grad_sum), _ = jax.lax.scan(accumulate, init, micro_batches)
+        scale = 1.0 / jnp.maximum(weight_sum, 1.0)
+        return loss_sum * scale, jax.tree.map(lambda g: g * scale, grad_sum), weight_sum
+
+    def _split_micro_batches(self, x: jax.Array) -> jax.Array:
+        """[batch, ...] → [grad_accum, batch/grad_accum, ...], micro-batch i taking rows i, i+A, i+2A, ...
+
+        Strided rows keep every micro-batch spread over all devices of the batch-sharded axis.
+        """
+        micro = x.shape[0] // self.grad_accum
+        return x.reshape(micro, self.grad_accum, *x.shape[1:]).swapaxes(0, 1)
+
+    def eval_loss(self) -> Callable[[dict[str, jax.Array], Batch], tuple[jax.Array, jax.Array]]:
+        """Jitted (params, batch) → (loss sum, token count)."""
+        graphdef = self.graphdef
+
+        def evaluate(params, batch):
+            return loss_sums(params, graphdef, batch)
+
+        return self.under_rules(jax.jit(evaluate))
+
+
+def loss_sums(params: dict[str, jax.Array], graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of token cross-entropies, sum of loss weights), the output head applied chunk by chunk."""
+    model = merge_params(graphdef, params)
+    hidden, _ = model.hidden_states(batch["tokens"], positions=batch.get("positions"),
+                                    segment_ids=batch.get("segment_ids"))
+    return chunked_cross_entropy(model, hidden, batch["targets"], batch["loss_mask"])
+
+
+def chunked_cross_entropy(model: Llama, hidden: jax.Array, targets: jax.Array,
+                          weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy of the output head over sequence chunks; each chunk's logits are recomputed in the backward pass.
+
+    A [batch, seq, vocab] float32 logit tensor and its gradient are the largest temporaries of a Llama step (1 GiB
+    each for batch 8 × 1024 × 32000); chunking keeps them at [batch, LOSS_CHUNK, vocab].
+    """
+    length = hidden.shape[1]
+    chunk = LOSS_CHUNK if length % LOSS_CHUNK == 0 else length
+
+    @jax.checkpoint
+    def chunk_loss(hidden_chunk, target_chunk, weight_chunk):
+        logits = model.logits(hidden_chunk)
+        log_normaliser = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0]
+        weight_chunk = weight_chunk.astype(jnp.float32)
+        return jnp.sum((log_normaliser - target_logit) * weight_chunk), jnp.sum(weight_chunk)
+
+    total_loss, total_weight = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    for start in range(0, length, chunk):
+        piece = slice(start, start + chunk)
+        loss, weight = chunk_loss(hidden[:, piece], targets[:, piece], weights[:, piece])
+        total_loss, total_weight = total_loss + loss, total_weight + weight
+    return total_loss, total_weight
