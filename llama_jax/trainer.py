@@ -22,7 +22,7 @@ from llama_jax.model import Llama
 from llama_jax.sharding import (DEFAULT_RULES, Rules, activation_sharding, batch_sharding, param_shardings,
                                 replicated)
 
-Batch = Mapping[str, jax.Array]  # tokens, targets, loss_mask [batch, seq]; optional positions, segment_ids
+Batch = Mapping[str, jax.Array]  # inputs, targets, loss_mask [batch, seq]; optional positions, segment_ids
 LOSS_CHUNK = 256  # sequence positions per output-head chunk: full-vocab logits are never materialised at once
 
 
@@ -177,7 +177,7 @@ class Trainer:
 def loss_sums(params: dict[str, jax.Array], graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """(sum of token cross-entropies, sum of loss weights), the output head applied chunk by chunk."""
     model = merge_params(graphdef, params)
-    hidden, _ = model.hidden_states(batch["tokens"], positions=batch.get("positions"),
+    hidden, _ = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
                                     segment_ids=batch.get("segment_ids"))
     return chunked_cross_entropy(model, hidden, batch["targets"], batch["loss_mask"])
 

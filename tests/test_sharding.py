@@ -19,7 +19,7 @@ def make_batch():
     tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
     mask = np.ones((BATCH, SEQ), np.float32)
     mask[0, :5] = 0  # uneven loss weights: the mean must be over weighted tokens, not micro-batches
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask}
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask}
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,7 +59,7 @@ def test_loss_is_independent_of_the_model_code_path(single_device):
     trainer = Trainer.create(CONFIG, OptimizerConfig(), 10, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     params = jax.device_get(trainer.init_state(seed=0).params)
     batch = make_batch()
-    logits = np.asarray(model_from_params(CONFIG, params)(batch["tokens"]), np.float64)
+    logits = np.asarray(model_from_params(CONFIG, params)(batch["inputs"]), np.float64)
     log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     token_loss = -np.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
