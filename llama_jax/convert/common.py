@@ -1,0 +1,188 @@
+"""What every format shares: a lazily read parameter source, dtype handling, and staged (all-or-nothing) output."""
+from __future__ import annotations
+
+import abc
+import contextlib
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from llama_jax.config import ModelConfig
+from llama_jax.errors import ConversionError
+from llama_jax.layout import TensorMapping, param_shapes
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BFLOAT16}
+
+
+def parse_dtype(dtype: str | np.dtype | None) -> np.dtype | None:
+    """'float32' / 'bfloat16' / a numpy dtype / None (keep each tensor's stored dtype)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConversionError(f"dtype {dtype!r} is not supported: expected one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    resolved = np.dtype(dtype)
+    if resolved not in DTYPES.values():
+        raise ConversionError(f"dtype {resolved} is not supported: expected one of {sorted(DTYPES)}")
+    return resolved
+
+
+def cast(array: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    """`array` in `dtype` (None keeps it). float32 → bfloat16 rounds to nearest even, as torch and XLA do."""
+    if dtype is None or array.dtype == dtype:
+        return array
+    return array.astype(dtype)
+
+
+class ParamSource(abc.ABC):
+    """Our parameters (dotted names, stacked layers), read one at a time in the dtype they are stored in.
+
+    Readers of every format implement this, and writers of every format consume it, so a conversion never needs the
+    whole model in memory unless the output format itself requires it.
+    """
+
+    config: ModelConfig
+    dtype: np.dtype  # the dtype the tensors are stored in (what "keep the source dtype" writes)
+
+    def names(self) -> list[str]:
+        return list(param_shapes(self.config))
+
+    @abc.abstractmethod
+    def read(self, name: str) -> np.ndarray:
+        """One parameter, in our layout, in its stored dtype."""
+
+    def close(self) -> None:
+        """Release open files (sources that hold none need not override this)."""
+
+    def __enter__(self) -> "ParamSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ArraySource(ParamSource):
+    """Parameters already in memory (a model being saved, or arrays a caller built)."""
+
+    def __init__(self, config: ModelConfig, params: Mapping[str, np.ndarray]):
+        self.config = config
+        self._params = params
+        self.dtype = np.dtype(np.asarray(params["embedding"]).dtype) if "embedding" in params else np.dtype("float32")
+        expected = param_shapes(config)
+        check_names(expected, {name: tuple(value.shape) for name, value in params.items()}, what="parameters")
+        for name, shape in expected.items():
+            if tuple(params[name].shape) != shape:
+                raise ConversionError(f"parameter {name} has shape {tuple(params[name].shape)}, the config needs "
+                                      f"{shape}")
+
+    def read(self, name: str) -> np.ndarray:
+        return np.asarray(self._params[name])
+
+
+class ExternalSource(ParamSource):
+    """Our parameters assembled from an external checkpoint's tensors (HF or Meta), one external tensor at a time.
+
+    Subclasses provide `read_external(name)`; the per-tensor layout transforms come from `llama_jax.layout`.
+    """
+
+    def __init__(self, config: ModelConfig, mappings: list[TensorMapping]):
+        self.config = config
+        self._by_ours: dict[str, list[TensorMapping]] = {}
+        for mapping in mappings:
+            self._by_ours.setdefault(mapping.ours, []).append(mapping)
+        self._shapes = param_shapes(config)
+
+    @abc.abstractmethod
+    def read_external(self, name: str) -> np.ndarray:
+        """One external tensor by its external name, in its stored dtype and layout."""
+
+    def read(self, name: str) -> np.ndarray:
+        stacked: np.ndarray | None = None
+        for mapping in self._by_ours[name]:
+            tensor = self.read_external(mapping.theirs)
+            if tuple(tensor.shape) != mapping.their_shape:
+                raise ConversionError(f"tensor {mapping.theirs} has shape {tuple(tensor.shape)}, the config needs "
+                                      f"{mapping.their_shape}")
+            value = mapping.to_ours(tensor)
+            if mapping.layer is None:
+                return value
+            if stacked is None:
+                stacked = np.empty(self._shapes[name], value.dtype)
+            stacked[mapping.layer] = value
+        assert stacked is not None
+        return stacked
+
+
+def check_names(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], what: str,
+                config: ModelConfig | None = None) -> None:
+    """Missing or unexpected tensors → one ConversionError naming them (and the shapes of the unexpected ones)."""
+    missing = [name for name in expected if name not in found]
+    extra = [name for name in found if name not in expected]
+    if not missing and not extra:
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing {_some(missing)} (expected shape {expected[missing[0]]} for {missing[0]})")
+    if extra:
+        parts.append("unexpected " + _some([f"{name} {found[name]}" for name in extra]))
+    described = f" for {describe(config)}" if config is not None else ""
+    raise ConversionError(f"{what} do not match the config{described}: " + "; ".join(parts))
+
+
+def describe(config: ModelConfig) -> str:
+    return (f"dim={config.dim}, n_layers={config.n_layers}, n_heads={config.n_heads}, "
+            f"n_kv_heads={config.kv_heads}, hidden={config.hidden_dim}, vocab={config.vocab_size}")
+
+
+def _some(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{f', ... ({len(items)} in all)' if len(items) > limit else ''}]"
+
+
+def check_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
+                 config: ModelConfig) -> None:
+    """Every tensor's shape against the config, before anything is converted or written."""
+    for name, shape in expected.items():
+        if tuple(found[name]) != tuple(shape):
+            raise ConversionError(f"tensor {name} has shape {tuple(found[name])}, but the config "
+                                  f"({describe(config)}) needs {tuple(shape)}")
+
+
+@contextlib.contextmanager
+def staged_output(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary directory beside `destination` that becomes it only if the block completes.
+
+    Conversions write into the yielded directory; on any error (or Ctrl-C) it is removed, so a failed conversion
+    leaves nothing at the destination. The final rename is atomic on one filesystem.
+    """
+    destination = Path(destination).absolute()
+    if destination.exists() and not overwrite:
+        raise ConversionError(f"{destination} already exists: choose another destination or pass overwrite")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.parent / f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        if destination.exists():
+            retired = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:8]}"
+            destination.rename(retired)
+            staging.rename(destination)
+            _remove(retired)
+        else:
+            staging.rename(destination)
+    except BaseException:
+        _remove(staging)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()

@@ -1,0 +1,295 @@
+"""Hugging Face format: `config.json` + `model.safetensors` (or `model-0000i-of-0000n.safetensors` with
+`model.safetensors.index.json`), as `transformers.LlamaForCausalLM.save_pretrained` writes and `from_pretrained` reads.
+
+Reading opens every file with `safetensors.safe_open` (memory-mapped) and fetches one tensor at a time. Writing lays
+out every file's header first (names, shapes and byte offsets are known from the config) and then writes each tensor
+at its offset as it is produced, so no file is ever assembled in memory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from llama_jax.config import ModelConfig, RopeScaling
+from llama_jax.convert.common import BFLOAT16, ExternalSource, ParamSource, cast, check_names, check_shapes
+from llama_jax.convert.native import config_from_mapping
+from llama_jax.errors import ConversionError
+from llama_jax.layout import TensorMapping, hf_mappings
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", BFLOAT16: "BF16", np.dtype(np.float16): "F16"}
+# Buffers some older checkpoints carry that hold nothing learned (recomputed from the config).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def is_hf(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and ((path / INDEX_FILE).is_file() or any(path.glob("*.safetensors")))
+
+
+# ── config.json ↔ ModelConfig ──────────────────────────────────────────────────────────────────────────────────
+def config_from_hf(raw: dict[str, Any], where: Path) -> ModelConfig:
+    """Our config from a transformers LlamaConfig dict (transformers 4 `rope_scaling` or 5 `rope_parameters`)."""
+    if raw.get("model_type", "llama") != "llama":
+        raise ConversionError(f"{where}: model_type {raw.get('model_type')!r} is not a Llama model ('llama')")
+    for key, unsupported in (("attention_bias", True), ("mlp_bias", True)):
+        if raw.get(key) == unsupported:
+            raise ConversionError(f"{where}: {key}={unsupported} is not supported (Llama has no biases)")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{where}: hidden_act={raw['hidden_act']!r} is not supported (Llama uses silu)")
+    try:
+        dim, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+        fields = dict(vocab_size=int(raw["vocab_size"]), dim=dim, n_layers=int(raw["num_hidden_layers"]),
+                      n_heads=heads, ffn_hidden_dim=int(raw["intermediate_size"]))
+    except KeyError as missing:
+        raise ConversionError(f"{where} lacks {missing}, which a Llama config needs") from None
+    head_dim = raw.get("head_dim")
+    if head_dim is not None and heads and int(head_dim) != dim // heads:
+        raise ConversionError(f"{where}: head_dim={head_dim} differs from hidden_size/num_attention_heads="
+                              f"{dim // heads}, which llama-jax does not support")
+    kv_heads = int(raw.get("num_key_value_heads") or heads)
+    rope = raw.get("rope_parameters") or {}
+    legacy_scaling = raw.get("rope_scaling") or {}
+    fields.update(n_kv_heads=None if kv_heads == heads else kv_heads,
+                  norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                  rope_theta=float(raw.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                  rope_scaling=_scaling_from_hf(legacy_scaling or rope, where),
+                  max_seq_len=int(raw.get("max_position_embeddings", 2048)),
+                  tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
+    return config_from_mapping(fields, where)
+
+
+def _scaling_from_hf(spec: dict[str, Any], where: Path) -> dict[str, Any] | None:
+    rope_type = spec.get("rope_type", spec.get("type", "default"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type != "llama3":
+        raise ConversionError(f"{where}: rope type {rope_type!r} is not supported (only 'default' and 'llama3')")
+    try:
+        return dict(factor=float(spec["factor"]), low_freq_factor=float(spec["low_freq_factor"]),
+                    high_freq_factor=float(spec["high_freq_factor"]),
+                    original_max_position=int(spec["original_max_position_embeddings"]))
+    except KeyError as missing:
+        raise ConversionError(f"{where}: llama3 rope scaling lacks {missing}") from None
+
+
+def hf_config(config: ModelConfig, dtype: np.dtype) -> dict[str, Any]:
+    """The config.json transformers' LlamaConfig expects (readable by transformers 4 and 5)."""
+    scaling = _scaling_to_hf(config.rope_scaling)
+    llama3_vocab = config.vocab_size >= 128000
+    dtype_name = "bfloat16" if dtype == BFLOAT16 else np.dtype(dtype).name
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps,
+        # transformers 4 reads rope_theta / rope_scaling; transformers 5 reads rope_parameters.
+        "rope_theta": config.rope_theta,
+        "rope_scaling": scaling,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta} if scaling is None
+        else {**scaling, "rope_theta": config.rope_theta},
+        "max_position_embeddings": config.max_seq_len,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "bos_token_id": 128000 if llama3_vocab else 1,
+        "eos_token_id": 128001 if llama3_vocab else 2,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+    }
+
+
+def _scaling_to_hf(scaling: RopeScaling | None) -> dict[str, Any] | None:
+    if scaling is None:
+        return None
+    return {"rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position}
+
+
+# ── Reading ─────────────────────────────────────────────────────────────────────────────────────────────────────
+class HFSource(ExternalSource):
+    """A Hugging Face folder, tensors fetched one at a time from memory-mapped safetensors files."""
+
+    def __init__(self, path: Path):
+        raw = _read_json(path / CONFIG_FILE)
+        config = config_from_hf(raw, path / CONFIG_FILE)
+        self._handles = {file: _open_safetensors(file) for file in _weight_files(path)}
+        self._where: dict[str, Any] = {}
+        found: dict[str, tuple[int, ...]] = {}
+        dtypes: dict[str, str] = {}
+        for handle in self._handles.values():
+            for name in handle.keys():
+                if name.endswith(IGNORED_SUFFIXES):
+                    continue
+                tensor = handle.get_slice(name)
+                self._where[name], found[name], dtypes[name] = handle, tuple(tensor.get_shape()), tensor.get_dtype()
+        mappings = hf_mappings(config)
+        expected = {mapping.theirs: mapping.their_shape for mapping in mappings}
+        if config.tie_embeddings and "lm_head.weight" in found:
+            found.pop("lm_head.weight")  # a tied head saved anyway is the embedding again
+        check_names(expected, found, what=f"tensors in {path}", config=config)
+        check_shapes(expected, found, config)
+        super().__init__(config, mappings)
+        self.dtype = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}.get(dtypes[mappings[0].theirs])
+        if self.dtype is None:
+            raise ConversionError(f"{mappings[0].theirs} in {path} has dtype {dtypes[mappings[0].theirs]}: "
+                                  f"expected one of {sorted(SAFETENSORS_DTYPES.values())}")
+
+    def read_external(self, name: str) -> np.ndarray:
+        try:
+            return self._where[name].get_tensor(name)
+        except SafetensorError as error:
+            raise ConversionError(f"cannot read tensor {name}: {error}") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._where.clear()
+
+
+def open_hf(path: Path) -> HFSource:
+    return HFSource(path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{path} is not a readable JSON file: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path} must hold a JSON object")
+    return raw
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files: those the index names, or else model.safetensors, or else every *.safetensors."""
+    if (path / INDEX_FILE).is_file():
+        weight_map = _read_json(path / INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{path / INDEX_FILE} has no weight_map")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise ConversionError(f"{path / INDEX_FILE} names {file.name}, which does not exist")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    return sorted(path.glob("*.safetensors"))
+
+
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError) as error:
+        raise ConversionError(f"{file} is not a readable safetensors file (truncated or damaged?): {error}") from None
+
+
+# ── Writing ─────────────────────────────────────────────────────────────────────────────────────────────────────
+def write_hf(source: ParamSource, directory: Path, dtype: np.dtype | None, max_shard_size: int) -> None:
+    """Write a Hugging Face folder into the existing `directory`, streaming tensors from `source`."""
+    config = source.config
+    out_dtype = dtype if dtype is not None else source.dtype
+    if out_dtype not in SAFETENSORS_DTYPES:
+        raise ConversionError(f"cannot write dtype {out_dtype} to safetensors")
+    mappings = hf_mappings(config)
+    files = _plan_files(mappings, out_dtype, max_shard_size)
+    (directory / CONFIG_FILE).write_text(json.dumps(hf_config(config, out_dtype), indent=2) + "\n")
+    if len(files) > 1:
+        total = sum(layout.nbytes for layout in files)
+        weight_map = {mapping.theirs: layout.name for layout in files for mapping in layout.mappings}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    placement = {mapping.theirs: (layout, offset) for layout in files
+                 for mapping, offset in zip(layout.mappings, layout.offsets)}
+    descriptors = {layout.name: os.open(directory / layout.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                   for layout in files}
+    try:
+        for layout in files:
+            os.pwrite(descriptors[layout.name], layout.header, 0)
+        _stream_tensors(source, mappings, out_dtype, placement, descriptors)
+        for descriptor in descriptors.values():
+            os.fsync(descriptor)
+    finally:
+        for descriptor in descriptors.values():
+            os.close(descriptor)
+
+
+def _stream_tensors(source: ParamSource, mappings: list[TensorMapping], out_dtype: np.dtype,
+                    placement: dict[str, tuple["_FileLayout", int]], descriptors: dict[str, int]) -> None:
+    """Read each of our parameters once and write every external tensor cut from it at its place in its file."""
+    by_ours: dict[str, list[TensorMapping]] = {}
+    for mapping in mappings:
+        by_ours.setdefault(mapping.ours, []).append(mapping)
+    for name, group in by_ours.items():
+        value = source.read(name)
+        for mapping in group:
+            tensor = cast(mapping.to_theirs(value if mapping.layer is None else value[mapping.layer]), out_dtype)
+            tensor = np.ascontiguousarray(tensor)
+            layout, offset = placement[mapping.theirs]
+            _pwrite_all(descriptors[layout.name], tensor.reshape(-1).view(np.uint8), layout.data_start + offset)
+        del value
+
+
+def _pwrite_all(descriptor: int, data: np.ndarray, position: int) -> None:
+    view = memoryview(data)
+    while len(view):
+        written = os.pwrite(descriptor, view, position)
+        view, position = view[written:], position + written
+
+
+class _FileLayout:
+    """One safetensors file: its tensors, their byte offsets, and the header that describes them."""
+
+    def __init__(self, mappings: list[TensorMapping], dtype: np.dtype):
+        self.mappings = mappings
+        self.offsets: list[int] = []
+        entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for mapping in mappings:
+            size = math.prod(mapping.their_shape) * dtype.itemsize
+            entries[mapping.theirs] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(mapping.their_shape),
+                                       "data_offsets": [offset, offset + size]}
+            self.offsets.append(offset)
+            offset += size
+        self.nbytes = offset
+        text = json.dumps(entries, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
+        self.header = len(text).to_bytes(8, "little") + text
+        self.data_start = len(self.header)
+        self.name = SINGLE_FILE
+
+
+def _plan_files(mappings: list[TensorMapping], dtype: np.dtype, max_shard_size: int) -> list[_FileLayout]:
+    """Tensors in order, cut into files of at most `max_shard_size` bytes (a bigger tensor gets a file alone)."""
+    groups: list[list[TensorMapping]] = [[]]
+    size = 0
+    for mapping in mappings:
+        nbytes = math.prod(mapping.their_shape) * dtype.itemsize
+        if groups[-1] and size + nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(mapping)
+        size += nbytes
+    files = [_FileLayout(group, dtype) for group in groups]
+    if len(files) > 1:
+        for i, layout in enumerate(files):
+            layout.name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+    return files

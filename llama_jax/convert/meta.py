@@ -1,0 +1,302 @@
+"""Meta format: `params.json` + `consolidated.NN.pth`, one file per model-parallel rank, as Meta's download ships.
+
+Meta's reference code (meta-llama/llama for Llama 2, meta-llama/llama3 and llama-models for Llama 3) builds each rank's
+layers from fairscale's parallel layers, and each file holds that rank's slice of every weight:
+
+    ColumnParallelLinear  wq, wk, wv, w1, w3, output    split on the output dim (weight dim 0)
+    RowParallelLinear     wo, w2                        split on the input dim (weight dim 1)
+    ParallelEmbedding     tok_embeddings (Llama 2)      split on the embedding dim (dim 1)
+    VocabParallelEmbedding tok_embeddings (Llama 3)     split on the vocabulary (dim 0)
+    RMSNorm weights                                     replicated in every file
+
+Reading concatenates the slices along those dims (the embedding's from its shapes); writing cuts them. Files are
+opened with `torch.load(..., mmap=True, weights_only=True)`: memory-mapped, and never unpickling arbitrary objects.
+PyTorch is needed for this format only (`pip install 'llama-jax[meta]'`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llama_jax.config import ModelConfig, RopeScaling
+from llama_jax.convert.common import BFLOAT16, ExternalSource, ParamSource, cast, check_names, check_shapes
+from llama_jax.convert.native import config_from_mapping
+from llama_jax.errors import ConversionError
+from llama_jax.layout import META_NAMES, TensorMapping, meta_mappings
+
+PARAMS_FILE = "params.json"
+SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
+EMBEDDING = META_NAMES["embedding"]
+OUTPUT = META_NAMES["output"]
+
+# Which dim of each weight Meta's model-parallel layers split (by our parameter name); None = replicated.
+SPLIT_DIMS: dict[str, int | None] = {
+    "blocks.attention.w_q": 0, "blocks.attention.w_k": 0, "blocks.attention.w_v": 0, "blocks.attention.w_o": 1,
+    "blocks.mlp.w_gate": 0, "blocks.mlp.w_up": 0, "blocks.mlp.w_down": 1, "output": 0,
+    "blocks.attention_norm.scale": None, "blocks.mlp_norm.scale": None, "final_norm.scale": None,
+}
+EMBEDDING_SPLITS = {"vocab": 0, "dim": 1}  # Llama 3 (VocabParallelEmbedding), Llama 2 (ParallelEmbedding)
+LLAMA3_ROPE_THETA = 500000.0
+# Meta's `use_scaled_rope` applies Llama 3.1's scaling with these constants, fixed in its code.
+META_ROPE_SCALING = RopeScaling()
+
+
+def is_meta(path: Path) -> bool:
+    return (path / PARAMS_FILE).is_file() and bool(_shard_files(path))
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError("the Meta format needs PyTorch: pip install 'llama-jax[meta]'") from None
+    return torch
+
+
+def embedding_split_dim(config: ModelConfig, choice: str = "auto") -> int:
+    """0 (vocab, Llama 3) or 1 (dim, Llama 2) for the token embedding's model-parallel split.
+
+    'auto' takes Llama 3's layout when the config looks like Llama 3: its 128K vocabulary, its rope theta of
+    500000, or Llama 3.1's scaled rope. Everything else (Llama 2, Code Llama with theta 1e6) gets Llama 2's layout.
+    """
+    if choice == "auto":
+        llama3 = config.vocab_size >= 128000 or config.rope_theta == LLAMA3_ROPE_THETA or config.rope_scaling is not None
+        return EMBEDDING_SPLITS["vocab" if llama3 else "dim"]
+    if choice not in EMBEDDING_SPLITS:
+        raise ConversionError(f"meta embedding split {choice!r} is not known: expected 'auto', 'vocab' (Llama 3) "
+                              f"or 'dim' (Llama 2)")
+    return EMBEDDING_SPLITS[choice]
+
+
+# ── params.json ↔ ModelConfig ──────────────────────────────────────────────────────────────────────────────────
+def config_from_params(raw: dict[str, Any], vocab_size: int, tied: bool, where: Path) -> ModelConfig:
+    """Our config from Meta's params.json (vocab_size given separately: old Llama 2 files say -1)."""
+    try:
+        fields = dict(dim=int(raw["dim"]), n_layers=int(raw["n_layers"]), n_heads=int(raw["n_heads"]))
+    except KeyError as missing:
+        raise ConversionError(f"{where} lacks {missing}, which Meta's params.json always has") from None
+    kv_heads = raw.get("n_kv_heads")
+    scaled = bool(raw.get("use_scaled_rope", False))
+    theta = float(raw.get("rope_theta") or 10000.0)  # Llama 2's params.json has none: its code fixes 10000
+    # Context length is not in params.json; these are the families' trained lengths (a serving default only).
+    max_seq_len = 131072 if scaled else 8192 if theta == LLAMA3_ROPE_THETA else 4096
+    fields.update(vocab_size=vocab_size, n_kv_heads=None if kv_heads in (None, fields["n_heads"]) else int(kv_heads),
+                  multiple_of=int(raw.get("multiple_of", 256)), ffn_dim_multiplier=raw.get("ffn_dim_multiplier"),
+                  norm_eps=float(raw.get("norm_eps", 1e-5)), rope_theta=theta,
+                  rope_scaling=dataclasses.asdict(META_ROPE_SCALING) if scaled else None,
+                  max_seq_len=max_seq_len, tie_embeddings=tied)
+    return config_from_mapping(fields, where)
+
+
+def params_json(config: ModelConfig) -> dict[str, Any]:
+    """Meta's params.json for `config`; an explicit ffn width is expressed through multiple_of/ffn_dim_multiplier."""
+    if config.rope_scaling not in (None, META_ROPE_SCALING):
+        raise ConversionError(f"rope scaling {config.rope_scaling} cannot be written to params.json: Meta's "
+                              f"use_scaled_rope fixes it to {META_ROPE_SCALING}")
+    multiple_of, multiplier = _ffn_rule(config)
+    return {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
+            "n_kv_heads": config.kv_heads, "vocab_size": config.vocab_size, "multiple_of": multiple_of,
+            "ffn_dim_multiplier": multiplier, "norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+            "use_scaled_rope": config.rope_scaling is not None}
+
+
+def _ffn_rule(config: ModelConfig) -> tuple[int, float | None]:
+    """(multiple_of, ffn_dim_multiplier) for which Meta's width rule gives config.hidden_dim."""
+    if config.ffn_hidden_dim is None:
+        return config.multiple_of, config.ffn_dim_multiplier
+    target = config.ffn_hidden_dim
+    derived = int(2 * (4 * config.dim) / 3)
+    # Rounding up to multiple_of=target gives exactly target from any width in (0, target].
+    candidates = [(config.multiple_of, config.ffn_dim_multiplier), (target, None)]
+    if derived > target:
+        candidates += [(target, target / derived), (target, (target - 0.5) / derived)]
+    for multiple_of, multiplier in candidates:
+        probe = dataclasses.replace(config, ffn_hidden_dim=None, multiple_of=multiple_of,
+                                    ffn_dim_multiplier=multiplier)
+        if probe.hidden_dim == target:
+            return multiple_of, multiplier
+    raise ConversionError(f"ffn width {target} cannot be expressed through Meta's multiple_of/ffn_dim_multiplier "
+                          f"for dim={config.dim}")
+
+
+# ── Reading ─────────────────────────────────────────────────────────────────────────────────────────────────────
+def _shard_files(path: Path) -> list[Path]:
+    return sorted((file for file in path.glob("consolidated.*.pth") if SHARD_PATTERN.fullmatch(file.name)),
+                  key=lambda file: int(SHARD_PATTERN.fullmatch(file.name).group(1)))
+
+
+def _load_shard(file: Path) -> dict[str, Any]:
+    torch = _torch()
+    try:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:  # torch reports a truncated zip, a bad pickle, etc. with many exception types
+        raise ConversionError(f"{file} is not a readable PyTorch checkpoint (truncated or damaged?): "
+                              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+    if not isinstance(state, dict):
+        raise ConversionError(f"{file} does not hold a dict of tensors")
+    return state
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+    torch = _torch()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; reinterpret the bits as ml_dtypes' bfloat16
+        return tensor.view(torch.int16).numpy().view(BFLOAT16)
+    if tensor.dtype not in (torch.float32, torch.float16):
+        raise ConversionError(f"tensor dtype {tensor.dtype} is not supported (float32, bfloat16, float16)")
+    return tensor.numpy()
+
+
+def from_numpy(array: np.ndarray) -> Any:
+    torch = _torch()
+    array = np.ascontiguousarray(array)
+    if array.dtype == BFLOAT16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+class MetaSource(ExternalSource):
+    """A Meta folder; each tensor is merged from its shards when it is read (the shards stay memory-mapped)."""
+
+    def __init__(self, path: Path):
+        files = _shard_files(path)
+        numbers = [int(SHARD_PATTERN.fullmatch(file.name).group(1)) for file in files]
+        if numbers != list(range(len(files))):
+            raise ConversionError(f"{path}: shard files {[file.name for file in files]} are not numbered "
+                                  f"consolidated.00.pth … consolidated.{len(files) - 1:02d}.pth without gaps")
+        raw = _read_params_json(path / PARAMS_FILE)
+        self._shards = [_load_shard(file) for file in files]
+        self._files = files
+        names = list(self._shards[0])
+        for file, shard in zip(files[1:], self._shards[1:]):
+            if set(shard) != set(names):
+                differ = sorted(set(shard) ^ set(names))
+                raise ConversionError(f"{file.name} and {files[0].name} hold different tensors: {differ[:6]}")
+        if EMBEDDING not in self._shards[0]:
+            raise ConversionError(f"{files[0]} has no {EMBEDDING}")
+        dim = int(raw.get("dim", 0))
+        self._split: dict[str, int | None] = {EMBEDDING: self._embedding_split(dim)}
+        embedding_shape = self._merged_shape(EMBEDDING)
+        vocab = int(raw.get("vocab_size", -1))
+        vocab = embedding_shape[0] if vocab <= 0 else vocab
+        config = config_from_params(raw, vocab, tied=OUTPUT not in self._shards[0], where=path / PARAMS_FILE)
+        mappings = meta_mappings(config)
+        for mapping in mappings:
+            if mapping.theirs != EMBEDDING:
+                self._split[mapping.theirs] = SPLIT_DIMS[mapping.ours]
+        expected = {mapping.theirs: mapping.their_shape for mapping in mappings}
+        found = {name: self._merged_shape(name) if name in self._split else tuple(self._shards[0][name].shape)
+                 for name in names}
+        found = {name: shape for name, shape in found.items() if not name.endswith("rope.freqs")}
+        check_names(expected, found, what=f"tensors in {path}", config=config)
+        check_shapes(expected, found, config)
+        super().__init__(config, mappings)
+        self.dtype = to_numpy(self._shards[0][EMBEDDING][:1, :1]).dtype
+        self.embedding_split = self._split[EMBEDDING]
+
+    def _embedding_split(self, dim: int) -> int | None:
+        """Llama 2 files cut the embedding's columns, Llama 3 files its rows: tell which from the shapes."""
+        if len(self._shards) == 1:
+            return None
+        shape = tuple(self._shards[0][EMBEDDING].shape)
+        return 0 if shape[1] == dim else 1
+
+    def _merged_shape(self, name: str) -> tuple[int, ...]:
+        shapes = [tuple(shard[name].shape) for shard in self._shards]
+        axis = self._split.get(name)
+        if axis is None or len(shapes) == 1:
+            if any(shape != shapes[0] for shape in shapes):
+                raise ConversionError(f"tensor {name} should be replicated but has shapes {shapes} in the shards")
+            return shapes[0]
+        merged = list(shapes[0])
+        merged[axis] = sum(shape[axis] for shape in shapes)
+        for file, shape in zip(self._files, shapes):
+            if len(shape) != 2 or shape[1 - axis] != shapes[0][1 - axis]:
+                raise ConversionError(f"tensor {name} in {file.name} has shape {shape}, which does not join the "
+                                      f"other shards' {shapes[0]} along dim {axis}")
+        return tuple(merged)
+
+    def read_external(self, name: str) -> np.ndarray:
+        pieces = [shard[name] for shard in self._shards]
+        axis = self._split.get(name)
+        if axis is None or len(pieces) == 1:
+            first = to_numpy(pieces[0])
+            for file, piece in zip(self._files[1:], pieces[1:]):
+                if not np.array_equal(to_numpy(piece), first):
+                    raise ConversionError(f"tensor {name} should be the same in every shard but differs in "
+                                          f"{file.name}")
+            return first
+        return np.concatenate([to_numpy(piece) for piece in pieces], axis=axis)
+
+    def close(self) -> None:
+        self._shards = []
+
+
+def open_meta(path: Path) -> MetaSource:
+    return MetaSource(path)
+
+
+def _read_params_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{path} is not a readable JSON file: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path} must hold a JSON object")
+    return raw
+
+
+# ── Writing ─────────────────────────────────────────────────────────────────────────────────────────────────────
+def write_meta(source: ParamSource, directory: Path, dtype: np.dtype | None, shards: int,
+               embedding_split: str = "auto") -> None:
+    """Write a Meta folder with `shards` consolidated.NN.pth files into the existing `directory`."""
+    torch = _torch()
+    config = source.config
+    out_dtype = dtype if dtype is not None else source.dtype
+    embedding_dim = embedding_split_dim(config, embedding_split)
+    _check_divisible(config, shards, embedding_dim)
+    (directory / PARAMS_FILE).write_text(json.dumps(params_json(config), indent=2) + "\n")
+    mappings = meta_mappings(config)
+    by_ours: dict[str, list[TensorMapping]] = {}
+    for mapping in mappings:
+        by_ours.setdefault(mapping.ours, []).append(mapping)
+    # Keys in Meta's order (embedding, layer by layer, norm, output), filled as our parameters are read.
+    files: list[dict[str, Any]] = [{mapping.theirs: None for mapping in mappings} for _ in range(shards)]
+    for name, group in by_ours.items():
+        value = source.read(name)
+        axis = embedding_dim if name == "embedding" else SPLIT_DIMS[name]
+        for mapping in group:
+            tensor = cast(mapping.to_theirs(value if mapping.layer is None else value[mapping.layer]), out_dtype)
+            for rank, piece in enumerate(_cut(tensor, axis, shards)):
+                files[rank][mapping.theirs] = from_numpy(piece)
+            if config.tie_embeddings and name == "embedding":
+                # Meta's reference model always has an output layer; a tied head is written as a copy.
+                for rank, piece in enumerate(_cut(tensor, SPLIT_DIMS["output"], shards)):
+                    files[rank][OUTPUT] = from_numpy(piece)
+        del value
+    for rank, state in enumerate(files):
+        torch.save(state, directory / f"consolidated.{rank:02d}.pth")
+        files[rank] = {}  # let this rank's tensors go before the next file is written
+
+
+def _cut(tensor: np.ndarray, axis: int | None, shards: int) -> list[np.ndarray]:
+    if axis is None or shards == 1:
+        return [np.ascontiguousarray(tensor)] * shards
+    # Contiguous copies: torch.save of a view would store the whole underlying tensor in every file.
+    return [np.ascontiguousarray(piece) for piece in np.split(tensor, shards, axis=axis)]
+
+
+def _check_divisible(config: ModelConfig, shards: int, embedding_dim: int) -> None:
+    if shards < 1:
+        raise ConversionError(f"shards={shards}: expected a positive number of model-parallel shards")
+    sizes = {"n_heads": config.n_heads, "n_kv_heads": config.kv_heads, "ffn hidden": config.hidden_dim,
+             "vocab_size": config.vocab_size, "dim" if embedding_dim == 1 else "vocab_size (embedding rows)":
+             config.dim if embedding_dim == 1 else config.vocab_size}
+    for what, size in sizes.items():
+        if size % shards:
+            raise ConversionError(f"cannot cut into {shards} model-parallel shards: {what}={size} is not divisible "
+                                  f"by {shards}")

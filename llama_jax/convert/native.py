@@ -1,0 +1,187 @@
+"""The llama-jax checkpoint format, and reading the parameters out of a training run directory.
+
+A llama-jax checkpoint is a directory:
+
+    model.json    the ModelConfig, every field of dataclasses.asdict(config)
+    params/       an Orbax checkpoint of the flat dict {dotted parameter name: array} (`layout.model_params`)
+
+A run directory (written by the training program) is recognised by `config.yaml` (whose `model:` section is a full
+ModelConfig mapping) beside `checkpoints/<step>/`; each step's item `params` has the same flat-dict form, so the
+newest complete step reads exactly like a llama-jax checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import yaml
+
+from llama_jax.config import ModelConfig, resolve_model
+from llama_jax.convert.common import ParamSource, check_names, check_shapes
+from llama_jax.errors import CheckpointError, ConversionError, LlamaJaxError
+from llama_jax.layout import param_shapes
+
+MODEL_FILE = "model.json"
+PARAMS_DIR = "params"
+RUN_CONFIG = "config.yaml"
+RUN_CHECKPOINTS = "checkpoints"
+
+# Orbax logs every save and restore at INFO; a converter's output should be its own.
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def is_native(path: Path) -> bool:
+    return (path / MODEL_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / RUN_CONFIG).is_file() and (path / RUN_CHECKPOINTS).is_dir()
+
+
+def is_run_step(path: Path) -> bool:
+    """`RUN_DIR/checkpoints/<step>` given directly."""
+    return path.name.isdigit() and (path / PARAMS_DIR).is_dir() and is_run_dir(path.parent.parent)
+
+
+def config_to_json(config: ModelConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+
+
+def config_from_mapping(fields: Mapping[str, Any], where: Path) -> ModelConfig:
+    try:
+        return resolve_model(dict(fields))
+    except LlamaJaxError as error:
+        raise ConversionError(f"{where}: {error}") from None
+
+
+def read_model_json(path: Path) -> ModelConfig:
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{path} is not a readable JSON file: {error}") from None
+    if not isinstance(fields, dict):
+        raise ConversionError(f"{path} must hold a mapping of ModelConfig fields")
+    return config_from_mapping(fields, path)
+
+
+def run_model_config(run_dir: Path) -> ModelConfig:
+    path = run_dir / RUN_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConversionError(f"{path} is not a readable YAML file: {error}".replace("\n", " ")) from None
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, (dict, str)):
+        raise ConversionError(f"{path} has no `model:` section with the model's config")
+    try:
+        return resolve_model(model)
+    except LlamaJaxError as error:
+        raise ConversionError(f"{path}: {error}") from None
+
+
+def run_steps(run_dir: Path) -> list[int]:
+    """Finished step numbers, newest first. Orbax writes a step under a temporary name and renames it when it is
+    complete, so only all-digit names count (a `<step>.orbax-checkpoint-tmp-…` directory is an unfinished save)."""
+    checkpoints = run_dir / RUN_CHECKPOINTS
+    return sorted((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
+
+
+def latest_run_checkpoint(run_dir: str | Path) -> tuple[int, Path]:
+    """(step, path of its `params` item) of the newest complete checkpoint of a run directory.
+
+    A step whose params cannot be read (metadata missing or corrupt) is skipped for the one before it.
+    """
+    run_dir = Path(run_dir)
+    problems = []
+    for step in run_steps(run_dir):
+        params = run_dir / RUN_CHECKPOINTS / str(step) / PARAMS_DIR
+        try:
+            _array_metadata(params)
+            return step, params
+        except ConversionError as error:
+            problems.append(f"step {step}: {error}")
+    detail = f" ({'; '.join(problems)})" if problems else ""
+    raise CheckpointError(f"{run_dir / RUN_CHECKPOINTS} holds no complete checkpoint with a `{PARAMS_DIR}` item"
+                          f"{detail}")
+
+
+def _array_metadata(params_dir: Path) -> dict[str, Any]:
+    """{name: metadata with .shape and .dtype} of an Orbax flat-dict checkpoint, without reading any array."""
+    if not (params_dir / "_METADATA").is_file():
+        raise ConversionError(f"{params_dir} is not a complete Orbax checkpoint (no _METADATA)")
+    try:
+        with contextlib.closing(ocp.StandardCheckpointer()) as checkpointer:
+            tree = checkpointer.metadata(params_dir).item_metadata.tree
+    except Exception as error:  # Orbax raises many kinds on a damaged checkpoint; all mean "cannot read it"
+        raise ConversionError(f"{params_dir} is not a readable Orbax checkpoint: {type(error).__name__}: "
+                              f"{error}") from None
+    if not isinstance(tree, dict) or any(isinstance(value, dict) for value in tree.values()):
+        raise ConversionError(f"{params_dir} does not hold a flat dict of parameters by dotted name")
+    return dict(tree)
+
+
+class NativeSource(ParamSource):
+    """Parameters from an Orbax flat-dict checkpoint, restored one at a time (Orbax partial restore)."""
+
+    def __init__(self, config: ModelConfig, params_dir: Path):
+        self.config = config
+        self.params_dir = Path(params_dir).absolute()
+        self.metadata = _array_metadata(self.params_dir)
+        expected = param_shapes(config)
+        found = {name: tuple(meta.shape) for name, meta in self.metadata.items()}
+        check_names(expected, found, what=f"parameters in {self.params_dir}", config=config)
+        check_shapes(expected, found, config)
+        self.dtype = np.dtype(self.metadata["embedding"].dtype)
+
+    def _abstract(self, name: str, sharding: jax.sharding.Sharding | None = None) -> jax.ShapeDtypeStruct:
+        meta = self.metadata[name]
+        return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=sharding)
+
+    def read(self, name: str) -> np.ndarray:
+        args = ocp.args.PyTreeRestore(item={name: self._abstract(name)},
+                                      restore_args={name: ocp.RestoreArgs(restore_type=np.ndarray)},
+                                      partial_restore=True)
+        with contextlib.closing(ocp.PyTreeCheckpointer()) as checkpointer:
+            return self._guarded(lambda: checkpointer.restore(self.params_dir, args=args)[name])
+
+    def read_all(self, shardings: Mapping[str, jax.sharding.Sharding]) -> dict[str, jax.Array]:
+        """Every parameter at once, as jax.Arrays placed by `shardings` (each process reads only its shards)."""
+        abstract = {name: self._abstract(name, shardings[name]) for name in self.metadata}
+        with contextlib.closing(ocp.StandardCheckpointer()) as checkpointer:
+            return self._guarded(lambda: checkpointer.restore(self.params_dir, abstract))
+
+    def _guarded(self, restore):
+        try:
+            return restore()
+        except Exception as error:  # a truncated or damaged array file surfaces from TensorStore as many kinds
+            raise ConversionError(f"cannot read {self.params_dir}: {type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''}") from None
+
+
+def open_native(path: Path) -> NativeSource:
+    """A llama-jax checkpoint, a run directory (newest complete step), or one step of a run directory."""
+    if is_native(path):
+        return NativeSource(read_model_json(path / MODEL_FILE), path / PARAMS_DIR)
+    if is_run_dir(path):
+        config = run_model_config(path)
+        _, params_dir = latest_run_checkpoint(path)
+        return NativeSource(config, params_dir)
+    if is_run_step(path):
+        return NativeSource(run_model_config(path.parent.parent), path / PARAMS_DIR)
+    raise ConversionError(f"{path} is not a llama-jax checkpoint ({MODEL_FILE} + {PARAMS_DIR}/) nor a run "
+                          f"directory ({RUN_CONFIG} + {RUN_CHECKPOINTS}/<step>/{PARAMS_DIR})")
+
+
+def write_native(config: ModelConfig, params: Mapping[str, np.ndarray | jax.Array], directory: Path) -> None:
+    """Write `params` (numpy or jax arrays, any dtype) as a llama-jax checkpoint into the existing `directory`."""
+    (directory / MODEL_FILE).write_text(config_to_json(config))
+    with contextlib.closing(ocp.StandardCheckpointer()) as checkpointer:
+        checkpointer.save((directory / PARAMS_DIR).absolute(), dict(params))
+        checkpointer.wait_until_finished()
