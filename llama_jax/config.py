@@ -171,6 +171,14 @@ class TrainConfig:
     seq_len: int = 4096
     grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
     log_every_steps: int = 10
+    document_masking: bool = False  # attend only within each packed document (Llama 3) instead of across (Llama 2)
+    peak_tflops: float | None = None  # per device, for MFU; None = measure a matrix multiply on this machine
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every_steps"):
+            _require(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "a positive integer")
+        _require(self.batch_size % self.grad_accum == 0, "train.grad_accum", self.grad_accum,
+                 f"a divisor of train.batch_size={self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if "model" in raw:
         raw["model"] = _as_plain(_model_from_raw(raw["model"]))
     config = _build(RunConfig, raw, prefix="")
+    if config.train.seq_len > config.model.max_seq_len:
+        raise ConfigError(f"train.seq_len={config.train.seq_len} is larger than the model's maximum "
+                          f"(model.max_seq_len={config.model.max_seq_len})")
     if config.run_dir is None and path is not None:
         config = dataclasses.replace(config, run_dir=str(Path("runs") / Path(path).stem))
     return config

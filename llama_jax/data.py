@@ -662,7 +662,7 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _is_validation_file(relative_path: str) -> bool:
+def is_validation_file(relative_path: str) -> bool:
     """Fixed split: the first 8 bytes of sha256(path relative to the stdlib dir, '/'-separated)."""
     digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % 1000 < VALIDATION_PER_MILLE
@@ -680,7 +680,7 @@ def default_corpus(split: Literal["train", "valid"], *, root: PathLike | None = 
             if filename.endswith(".py"):
                 path = Path(directory) / filename
                 relative = path.relative_to(base).as_posix()
-                if _is_validation_file(relative) == (split == "valid"):
+                if is_validation_file(relative) == (split == "valid"):
                     chosen.append(path)
     if not chosen:
         raise DataError(f"{base}: no *.py files for the {split} split of the default corpus")

@@ -136,7 +136,7 @@ class Trainer:
         loss, grads, tokens = self.loss_and_grads(state.params, batch)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state.step),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state.step),
                    "tokens": tokens}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,82 @@
+"""Pretrain a Llama: `python -m train.pretrain CONFIG.yaml [key=value ...]`.
+
+With no `data.path`, trains on the Python standard library's own sources (a tokenizer is trained on them and
+cached), so `python -m train.pretrain configs/tiny.yaml` works on a fresh machine with no downloads.
+Writes `<run_dir>/config.yaml`, `metrics.jsonl` and TensorBoard events under `tb/`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import jax
+
+from llama_jax.config import RunConfig, load_config, to_yaml
+from llama_jax.errors import run_program
+from llama_jax.loop import global_batch, prepare_pretraining_data, train, write_run_config
+from llama_jax.data import unigram_entropy
+from llama_jax.sharding import mesh_from_config, rules_from_config
+from llama_jax.trainer import Trainer
+
+USAGE = """usage: python -m train.pretrain CONFIG.yaml [key=value ...]
+
+Config keys (YAML file, then key=value overrides; `model` may be a preset name such as llama2-7b or tiny):
+"""
+
+
+def main(argv: Sequence[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + to_yaml(RunConfig()), end="")
+        return 0 if argv else 2
+    config = load_config(argv[0], argv[1:])
+    run_dir = Path(config.run_dir)
+    write_run_config(config, run_dir)
+
+    data = prepare_pretraining_data(config, run_dir)
+    mesh = mesh_from_config(config.mesh)
+    trainer = Trainer.create(config.model, config.optimizer, config.train.steps, mesh,
+                             rules_from_config(config.sharding_rules), config.train.grad_accum)
+    batch_size, seq_len, seed = config.train.batch_size, config.train.seq_len, config.seed
+    masking = config.train.document_masking
+
+    def train_batch(index: int):
+        return global_batch(trainer, data.train, index, batch_size, seq_len, seed, masking)
+
+    def eval_batch(index: int):
+        return global_batch(trainer, data.valid, index, batch_size, seq_len, seed, masking)
+
+    if jax.process_index() == 0:
+        print(f"model: {config.model.num_params():,} parameters · mesh {dict(mesh.shape)} · "
+              f"{batch_size}×{seq_len} tokens per step · {data.train.num_tokens:,} training tokens",
+              file=sys.stderr)
+    state = trainer.init_state(seed)
+    state = train(trainer, state, config, run_dir, train_batch, eval_batch, peak_flops(config, mesh.size))
+
+    if jax.process_index() == 0:
+        summary = summarize(run_dir, unigram_entropy(data.valid))
+        print(summary)
+    return 0
+
+
+def peak_flops(config: RunConfig, devices: int) -> float:
+    """The mesh's peak FLOP/s for MFU: configured, or a matrix multiply measured on this machine now."""
+    if config.train.peak_tflops is not None:
+        return config.train.peak_tflops * 1e12 * devices
+    from llama_jax.perf import measure_matmul_ceiling
+
+    return measure_matmul_ceiling(config.model.dtype) * devices
+
+
+def summarize(run_dir: Path, unigram_nats: float) -> str:
+    import json
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [record["eval_loss"] for record in records if "eval_loss" in record]
+    final = evals[-1] if evals else float("nan")
+    return (f"validation loss {final:.4f} nats/token vs unigram entropy {unigram_nats:.4f} "
+            f"({'below' if final < unigram_nats else 'NOT below'} it by {unigram_nats - final:.4f}) · run in {run_dir}")
+
+
+if __name__ == "__main__":
+    run_program(main)
