@@ -209,6 +209,18 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """JAX's distributed runtime. Unset = auto-detect on a cluster (SLURM, Open MPI, Kubernetes), else one process."""
+
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    auto_detect: bool = True
+    initialization_timeout_seconds: int = 300
+    heartbeat_timeout_seconds: int = 60  # a peer silent this long ends the job with an error instead of a hang
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run_dir: str | None = None  # None = runs/<config file stem>
     seed: int = 0
@@ -220,6 +232,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def resolve_model(spec: str | Mapping[str, Any] | ModelConfig) -> ModelConfig:

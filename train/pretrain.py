@@ -13,6 +13,7 @@ from typing import Sequence
 import jax
 
 from llama_jax.config import RunConfig, load_config, to_yaml
+from llama_jax import distributed
 from llama_jax.errors import run_program
 from llama_jax.loop import global_batch, prepare_pretraining_data, train, write_run_config
 from llama_jax.data import unigram_entropy
@@ -30,6 +31,7 @@ def main(argv: Sequence[str]) -> int:
         print(USAGE + to_yaml(RunConfig()), end="")
         return 0 if argv else 2
     config = load_config(argv[0], argv[1:])
+    distributed.initialize(config.distributed)
     run_dir = Path(config.run_dir)
     write_run_config(config, run_dir)
 
