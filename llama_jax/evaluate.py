@@ -1,0 +1,564 @@
+"""Scoring a model: perplexity and bits per byte over a text source, log-likelihoods of continuations, multiple
+choice, and greedy continuation (what `eval/` and the lm-eval adapter are built on).
+
+One primitive serves them all: the log-probability the model gives each target token, computed under `jax.jit` on a
+device mesh with the output head applied in sequence chunks (a [batch, seq, vocab] logit tensor is never held).
+
+Perplexity
+----------
+`evaluate_perplexity` packs documents into seq_len windows exactly as training does (`data.batch_for_step`: BOS and
+EOS around every document, windows cut across documents, nothing padded), so its loss on the batches the training
+program validates on is that program's validation loss. Two modes:
+- whole epoch (default): every window of one pass over the documents; targets past the end of the pass are masked,
+  so each document token and each document's EOS is scored exactly once. Bits per byte are then exact:
+  total nats / ln 2 / UTF-8 bytes of the documents' text (EOS prediction included in the nats, as in the loss).
+- `num_batches=N`: the first N batches of the packed stream (what training's `eval.batches` uses). These cover part
+  of the text, so their byte count is apportioned: text bytes × scored tokens / tokens in one pass
+  (`bytes_exact` is False in the result).
+
+Continuations and multiple choice
+---------------------------------
+A continuation is scored as lm-eval's reference implementation scores it: tokenize context + continuation as one
+text and the context alone; the tokens past the shared prefix are the continuation's (a token merged across the
+boundary is counted with the continuation). Every sequence starts with BOS, so an empty context is allowed. A sequence
+longer than `max_length` keeps its last `max_length` + 1 tokens. The length-normalised multiple-choice score divides
+the summed log-likelihood by the choice's length in characters (lm-eval's `acc_norm`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from llama_jax.config import ModelConfig
+from llama_jax.data import (TokenStore, batch_for_step, build_store, default_cache_dir, read_documents,
+                            resolve_sources)
+from llama_jax.errors import DataError
+from llama_jax.layout import merge_params, model_params, param_specs
+from llama_jax.model import KVCache, Llama
+from llama_jax.sharding import DEFAULT_RULES, Rules, activation_sharding, batch_sharding, make_mesh, param_shardings
+from llama_jax.tokenizer import Tokenizer
+from llama_jax.trainer import LOSS_CHUNK
+
+PathLike = str | os.PathLike[str]
+LENGTH_BUCKET = 32  # sequence lengths are padded up to a multiple of this, so few distinct shapes are compiled
+
+
+# ── The scoring primitive on a mesh ──────────────────────────────────────────────────────────────────────────────
+def target_log_probs(model: Llama, inputs: jax.Array, targets: jax.Array, *, positions: jax.Array | None = None,
+                     segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(log P(target) [b, s] float32, target is the argmax [b, s]) with the output head applied in chunks."""
+    hidden, _ = model.hidden_states(inputs, positions=positions, segment_ids=segment_ids)
+    log_probs, greedy = [], []
+    for start in range(0, hidden.shape[1], LOSS_CHUNK):
+        logits = model.logits(hidden[:, start:start + LOSS_CHUNK])
+        chunk_targets = targets[:, start:start + LOSS_CHUNK]
+        target_logit = jnp.take_along_axis(logits, chunk_targets[..., None], axis=-1)[..., 0]
+        log_probs.append(target_logit - jax.nn.logsumexp(logits, axis=-1))
+        greedy.append(jnp.argmax(logits, axis=-1) == chunk_targets)
+    return jnp.concatenate(log_probs, axis=1), jnp.concatenate(greedy, axis=1)
+
+
+# Jitted at module level with the graph definition static, so every Scorer of the same model shape (a CLI, an lm-eval
+# model object, a test) shares the compiled programs instead of compiling its own. The sharding rules are static too:
+# they are read while tracing (by `constrain`), so programs traced under different rules must not be shared.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _loss_sums(graphdef: nnx.GraphDef, rules: Rules, params,
+               batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    log_probs, _ = target_log_probs(merge_params(graphdef, params), batch["inputs"], batch["targets"],
+                                    positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+    weights = batch["loss_mask"].astype(jnp.float32)
+    return -jnp.sum(log_probs * weights), jnp.sum(weights)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _token_scores(graphdef: nnx.GraphDef, rules: Rules, params, inputs: jax.Array, targets: jax.Array):
+    return target_log_probs(merge_params(graphdef, params), inputs, targets)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _prefill(graphdef: nnx.GraphDef, rules: Rules, params, tokens, positions, segment_ids, cache: KVCache):
+    logits, cache = merge_params(graphdef, params)(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=5)
+def _decode_step(graphdef: nnx.GraphDef, rules: Rules, params, tokens, positions, cache: KVCache):
+    model = merge_params(graphdef, params)
+    logits, cache = model(tokens, positions=positions, segment_ids=jnp.ones_like(tokens), cache=cache)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+class Scorer:
+    """A model's parameters placed on a mesh, with the jitted scoring and decoding functions bound to them.
+
+    Parameters are sharded by the logical rules (by default over all devices on the fsdp axis, which also splits the
+    batch, so a model larger than one device still fits); batches are split along the batch axis.
+    """
+
+    def __init__(self, model: Llama, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES):
+        self.config: ModelConfig = model.config
+        self.mesh = mesh if mesh is not None else make_mesh(data=1, fsdp=-1, tensor=1)
+        self.rules = rules
+        shardings = param_shardings(param_specs(self.config), self.mesh, rules)
+        self.params = {name: jax.device_put(value, shardings[name]) for name, value in model_params(model).items()}
+        self.graphdef = nnx.split(nnx.eval_shape(lambda: Llama(self.config, rngs=nnx.Rngs(0))), nnx.Param)[0]
+
+    @property
+    def device_count(self) -> int:
+        return self.mesh.size
+
+    # Host-side entry points.
+    def place_batch(self, local: Mapping[str, np.ndarray], global_rows: int) -> dict[str, jax.Array]:
+        """This process's rows of a [global_rows, seq] batch as global arrays split along the batch axis."""
+        shape = (global_rows, next(iter(local.values())).shape[1])
+        sharding = batch_sharding(self.mesh, self.rules, shape)
+        return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value, np.int32), shape)
+                for key, value in local.items()}
+
+    def loss_sums(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """(summed negative log-likelihood of the targets under loss_mask, summed loss_mask), as device scalars."""
+        with activation_sharding(self.mesh, self.rules):
+            return _loss_sums(self.graphdef, self.rules, self.params, dict(batch))
+
+    def token_scores(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For int [b, s+1] token rows: (log P(tokens[:, 1:]) [b, s], greedy [b, s]) as numpy (one process)."""
+        placed = self.place_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, tokens.shape[0])
+        with activation_sharding(self.mesh, self.rules):
+            log_probs, greedy = _token_scores(self.graphdef, self.rules, self.params, placed["inputs"],
+                                              placed["targets"])
+        return np.asarray(jax.device_get(log_probs), np.float64), np.asarray(jax.device_get(greedy))
+
+    def batch_rows(self, requested: int) -> int:
+        """A batch size that splits evenly over the devices: `requested` rounded up to a multiple of them."""
+        return max(1, math.ceil(requested / self.device_count)) * self.device_count
+
+
+# ── Perplexity and bits per byte ────────────────────────────────────────────────────────────────────────────────
+@dataclasses.dataclass(frozen=True)
+class PerplexityResult:
+    nats: float  # summed negative log-likelihood of the scored tokens
+    tokens: int  # targets scored (document tokens and EOS; never BOS)
+    text_bytes: float | None  # UTF-8 bytes of the text those tokens cover (apportioned if not bytes_exact)
+    bytes_exact: bool
+    batches: int
+    seq_len: int
+    batch_size: int
+
+    @property
+    def loss(self) -> float:
+        """Mean negative log-likelihood per token, in nats."""
+        return self.nats / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        return None if not self.text_bytes else self.nats / math.log(2) / self.text_bytes
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "loss": self.loss, "perplexity": self.perplexity,
+                "bits_per_byte": self.bits_per_byte}
+
+    def summary(self) -> str:
+        bpb = "n/a" if self.bits_per_byte is None else f"{self.bits_per_byte:.4f}"
+        approx = "" if self.bytes_exact else " (bytes apportioned)"
+        return (f"loss {self.loss:.4f} nats/token · perplexity {self.perplexity:.3f} · {bpb} bits/byte{approx} · "
+                f"{self.tokens:,} tokens · {self.text_bytes or 0:,.0f} bytes · {self.batches} batches of "
+                f"{self.batch_size}×{self.seq_len}")
+
+
+def count_text_bytes(sources: PathLike | Sequence[PathLike]) -> int:
+    """UTF-8 bytes of every document's text in the sources (the text the tokens encode)."""
+    return sum(len(text.encode("utf-8")) for path in resolve_sources(sources) for text in read_documents(path))
+
+
+def open_text_store(sources: PathLike | Sequence[PathLike], tokenizer: Tokenizer,
+                    store_dir: PathLike | None = None) -> TokenStore:
+    """The sources tokenized into a token store, built once and reused (keyed by the files and the tokenizer)."""
+    if store_dir is None:
+        paths = [str(path) for path in resolve_sources(sources)]
+        key = _digest(json.dumps(paths) + tokenizer.fingerprint())
+        store_dir = default_cache_dir() / "eval" / key
+    return build_store(sources, tokenizer, store_dir)
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def epoch_batches(store: TokenStore, seq_len: int, batch_size: int) -> int:
+    """Batches whose windows cover one pass over the store: every target of stream positions 1 .. T-1."""
+    windows = math.ceil((store.tokens_per_epoch - 1) / seq_len)
+    return math.ceil(windows / batch_size)
+
+
+def _mask_past_epoch(local: dict[str, np.ndarray], step: int, batch_size: int, seq_len: int, rows: range,
+                     epoch_tokens: int) -> None:
+    """Zero the loss mask of targets at stream positions past the first pass (they repeat the text)."""
+    window = np.asarray([step * batch_size + row for row in rows])[:, None]
+    target_position = window * seq_len + 1 + np.arange(seq_len)[None, :]
+    local["loss_mask"] = np.where(target_position < epoch_tokens, local["loss_mask"], 0)
+
+
+def evaluate_perplexity(scorer: Scorer, store: TokenStore, *, seq_len: int, batch_size: int, seed: int = 0,
+                        document_masking: bool = True, num_batches: int | None = None,
+                        text_bytes: int | None = None, progress: bool = True) -> PerplexityResult:
+    """Loss, perplexity and bits per byte of the model on the store's packed windows (see the module docstring).
+
+    document_masking: attend only within each packed document (positions restart per document); False attends
+        across documents as a Llama 2 run trained without masking does. Match the run's setting to compare losses.
+    text_bytes: UTF-8 bytes of the store's text, for bits per byte (None: not reported).
+    """
+    whole_epoch = num_batches is None
+    total_batches = epoch_batches(store, seq_len, batch_size) if whole_epoch else num_batches
+    rows = _process_rows(batch_size)
+    pending: list[tuple[jax.Array, jax.Array]] = []
+    bar = tqdm(total=total_batches, unit="batch", file=sys.stderr, dynamic_ncols=True,
+               disable=not progress or jax.process_index() != 0, desc="perplexity")
+    nats = tokens = 0.0
+    for step in range(total_batches):
+        local = batch_for_step(store, step, batch_size, seq_len, seed, jax.process_index(), jax.process_count())
+        if whole_epoch:
+            _mask_past_epoch(local, step, batch_size, seq_len, rows, store.tokens_per_epoch)
+        if not document_masking:
+            local = {key: local[key] for key in ("inputs", "targets", "loss_mask")}
+        pending.append(scorer.loss_sums(scorer.place_batch(local, batch_size)))
+        # Read results one batch behind, so the host builds batch k+1 while the devices score batch k.
+        if len(pending) > 1:
+            nats, tokens = _accumulate(pending.pop(0), nats, tokens)
+            bar.set_postfix(loss=f"{nats / max(tokens, 1):.4f}")
+        bar.update()
+    for result in pending:
+        nats, tokens = _accumulate(result, nats, tokens)
+    bar.close()
+    if tokens == 0:
+        raise DataError(f"{store.address}: no tokens to score")
+    expected = store.num_tokens + store.num_documents
+    if whole_epoch and int(tokens) != expected:  # every document token and EOS once: anything else is a bug
+        raise DataError(f"scored {int(tokens)} targets over one pass, expected {expected}")
+    scored_bytes = None if text_bytes is None else text_bytes * (1.0 if whole_epoch else tokens / expected)
+    return PerplexityResult(nats, int(tokens), scored_bytes, whole_epoch, total_batches, seq_len, batch_size)
+
+
+def _accumulate(result: tuple[jax.Array, jax.Array], nats: float, tokens: float) -> tuple[float, float]:
+    loss_sum, weight_sum = jax.device_get(result)
+    return nats + float(loss_sum), tokens + float(weight_sum)
+
+
+def _process_rows(batch_size: int) -> range:
+    from llama_jax.data import process_rows
+
+    return process_rows(batch_size, jax.process_index(), jax.process_count())
+
+
+# ── Log-likelihoods of token sequences ──────────────────────────────────────────────────────────────────────────
+@dataclasses.dataclass(frozen=True)
+class SequenceScore:
+    log_likelihood: float  # summed log P of the scored tokens, in nats
+    is_greedy: bool  # every scored token is the model's argmax
+    num_tokens: int
+
+
+def score_sequences(scorer: Scorer, sequences: Sequence[tuple[Sequence[int], int]], *, batch_size: int = 8,
+                    max_length: int | None = None, progress: bool = False) -> list[SequenceScore]:
+    """Score the last `n` tokens of each (tokens, n): sum of log P(token | everything before it).
+
+    Sequences longer than max_length + 1 (default: the model's max_seq_len) keep their last max_length + 1 tokens.
+    Sequences are sorted by length and right-padded to a multiple of LENGTH_BUCKET, so few shapes are compiled.
+    """
+    max_length = max_length or scorer.config.max_seq_len
+    rows = scorer.batch_rows(batch_size)
+    prepared = [_truncated(list(tokens), scored, max_length) for tokens, scored in sequences]
+    order = sorted(range(len(prepared)), key=lambda index: -len(prepared[index][0]))
+    results: list[SequenceScore | None] = [None] * len(prepared)
+    starts = range(0, len(order), rows)
+    for start in tqdm(starts, unit="batch", file=sys.stderr, disable=not progress, desc="scoring"):
+        chosen = order[start:start + rows]
+        longest = len(prepared[chosen[0]][0])
+        width = min(_round_up(longest - 1, LENGTH_BUCKET), max_length) + 1
+        tokens = np.zeros((rows, width), np.int32)
+        for row, index in enumerate(chosen):
+            tokens[row, :len(prepared[index][0])] = prepared[index][0]
+        log_probs, greedy = scorer.token_scores(tokens)
+        for row, index in enumerate(chosen):
+            sequence, scored = prepared[index]
+            # Target i is token i + 1, so the last `scored` tokens are targets [len - 1 - scored, len - 1).
+            span = slice(len(sequence) - 1 - scored, len(sequence) - 1)
+            results[index] = SequenceScore(float(log_probs[row, span].sum()), bool(greedy[row, span].all()), scored)
+    return results  # type: ignore[return-value]
+
+
+def _truncated(tokens: list[int], scored: int, max_length: int) -> tuple[list[int], int]:
+    if scored < 1 or scored >= len(tokens):
+        raise DataError(f"cannot score {scored} token(s) of a {len(tokens)}-token sequence (the first is context)")
+    if scored > max_length:
+        raise DataError(f"a continuation of {scored} tokens does not fit in max_length={max_length}")
+    return tokens[-(max_length + 1):], scored
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, math.ceil(value / multiple) * multiple)
+
+
+# ── Continuations of text (lm-eval's loglikelihood) ─────────────────────────────────────────────────────────────
+def split_context_continuation(tokenizer: Tokenizer, context: str,
+                               continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) whose concatenation is the tokenization of context + continuation.
+
+    The context's trailing whitespace moves to the continuation first (tokenizers attach a space to the following
+    word). The continuation gets every token past the longest prefix shared with the context's own tokenization.
+    """
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    whole = tokenizer.encode(stripped + continuation)
+    context_ids = tokenizer.encode(stripped) if stripped else []
+    shared = 0
+    while shared < min(len(whole), len(context_ids)) and whole[shared] == context_ids[shared]:
+        shared += 1
+    return whole[:shared], whole[shared:]
+
+
+def score_continuations(scorer: Scorer, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *,
+                        batch_size: int = 8, max_length: int | None = None,
+                        progress: bool = False) -> list[SequenceScore]:
+    """log P(continuation | context) and greediness for each (context, continuation), BOS before every context."""
+    sequences = []
+    for context, continuation in pairs:
+        context_ids, continuation_ids = split_context_continuation(tokenizer, context, continuation)
+        if not continuation_ids:
+            raise DataError(f"continuation {continuation!r} of context {context[-40:]!r} encodes to no tokens")
+        sequences.append(([tokenizer.bos_id] + context_ids + continuation_ids, len(continuation_ids)))
+    return score_sequences(scorer, sequences, batch_size=batch_size, max_length=max_length, progress=progress)
+
+
+def rolling_log_likelihoods(scorer: Scorer, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int = 8,
+                            max_length: int | None = None, progress: bool = False) -> list[float]:
+    """log P(text) of each whole text after BOS, in windows of max_length predictions with as much context as fits
+    (lm-eval's loglikelihood_rolling); no EOS is scored."""
+    max_length = max_length or scorer.config.max_seq_len
+    sequences, owners = [], []
+    for index, text in enumerate(texts):
+        stream = [tokenizer.bos_id] + tokenizer.encode(text)
+        for start in range(1, len(stream), max_length):
+            end = min(start + max_length, len(stream))
+            # Predict stream[start:end]; the inputs before them reach back to at most max_length tokens.
+            sequences.append((stream[max(0, end - 1 - max_length):end], end - start))
+            owners.append(index)
+    totals = [0.0] * len(texts)
+    scores = score_sequences(scorer, sequences, batch_size=batch_size, max_length=max_length, progress=progress)
+    for owner, score in zip(owners, scores):
+        totals[owner] += score.log_likelihood
+    return totals
+
+
+# ── Multiple choice ─────────────────────────────────────────────────────────────────────────────────────────────
+@dataclasses.dataclass(frozen=True)
+class MultipleChoiceExample:
+    context: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MultipleChoiceResult:
+    accuracy: float  # the choice with the highest summed log-likelihood is the answer
+    accuracy_norm: float  # ... with the highest log-likelihood per character of the choice (lm-eval's acc_norm)
+    count: int
+    log_likelihoods: list[list[float]]  # per example, per choice
+    predictions: list[int]
+    predictions_norm: list[int]
+
+    def to_dict(self, per_example: bool = False) -> dict:
+        summary = {"acc": self.accuracy, "acc_norm": self.accuracy_norm, "count": self.count}
+        if per_example:
+            summary.update(log_likelihoods=self.log_likelihoods, predictions=self.predictions,
+                           predictions_norm=self.predictions_norm)
+        return summary
+
+    def summary(self) -> str:
+        return (f"accuracy {self.accuracy:.4f} (summed log-likelihood) · {self.accuracy_norm:.4f} "
+                f"(per character) · {self.count} examples")
+
+
+def read_multiple_choice(path: PathLike) -> list[MultipleChoiceExample]:
+    """JSONL lines {"context": str, "choices": [str, ...], "answer": index}; errors name the line."""
+    examples = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read multiple-choice file ({error})") from error
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        examples.append(_parse_example(record, where))
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def _parse_example(record: object, where: str) -> MultipleChoiceExample:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with context, choices and answer")
+    context, choices, answer = record.get("context"), record.get("choices"), record.get("answer")
+    if not isinstance(context, str):
+        raise DataError(f"{where}: 'context' must be a string")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise DataError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        raise DataError(f"{where}: 'answer' must be an index into the {len(choices)} choices")
+    return MultipleChoiceExample(context, tuple(choices), answer)
+
+
+def score_multiple_choice(scorer: Scorer, tokenizer: Tokenizer, examples: Sequence[MultipleChoiceExample], *,
+                          delimiter: str = " ", batch_size: int = 8, max_length: int | None = None,
+                          progress: bool = False) -> MultipleChoiceResult:
+    """Accuracy by summed and by per-character log P(delimiter + choice | context); ties go to the first choice.
+
+    The delimiter (lm-eval's `target_delimiter`, default one space) is scored with the choice but not counted in
+    its length, as lm-eval does.
+    """
+    pairs = [(example.context, delimiter + choice) for example in examples for choice in example.choices]
+    scores = iter(score_continuations(scorer, tokenizer, pairs, batch_size=batch_size, max_length=max_length,
+                                      progress=progress))
+    log_likelihoods, predictions, predictions_norm = [], [], []
+    for example in examples:
+        values = np.array([next(scores).log_likelihood for _ in example.choices])
+        lengths = np.array([len(choice) for choice in example.choices], np.float64)
+        log_likelihoods.append(values.tolist())
+        predictions.append(int(np.argmax(values)))
+        predictions_norm.append(int(np.argmax(values / lengths)))
+    answers = np.array([example.answer for example in examples])
+    return MultipleChoiceResult(float(np.mean(np.array(predictions) == answers)),
+                                float(np.mean(np.array(predictions_norm) == answers)), len(examples),
+                                log_likelihoods, predictions, predictions_norm)
+
+
+# ── Greedy continuation (lm-eval's generate_until) ──────────────────────────────────────────────────────────────
+def greedy_generate(scorer: Scorer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                    stop_ids: frozenset[int] = frozenset(),
+                    is_finished: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """Greedy continuations of token prompts, decoded together with a KV cache.
+
+    Prompts are left-padded to a common bucketed length (padding is segment 0, so no real token attends to it, and
+    positions start at 0 at each prompt's first token). A row stops at a token in `stop_ids` (not returned) or when
+    `is_finished(row, tokens so far)` says so; all stop after max_new_tokens.
+    """
+    if not prompts or max_new_tokens < 1:
+        return [[] for _ in prompts]
+    if not all(prompts):
+        raise DataError("cannot continue an empty prompt (start it with BOS)")
+    rows = scorer.batch_rows(len(prompts))
+    longest = max(len(prompt) for prompt in prompts)
+    if longest + max_new_tokens > scorer.config.max_seq_len:  # padding slots do not count: positions skip them
+        raise DataError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
+                        f"max_seq_len={scorer.config.max_seq_len}")
+    prompt_length = _round_up(longest, LENGTH_BUCKET)
+    tokens = np.zeros((rows, prompt_length), np.int32)
+    segments = np.zeros((rows, prompt_length), np.int32)
+    padding = np.full(rows, prompt_length, np.int32)  # dummy rows are all padding
+    for row, prompt in enumerate(prompts):
+        padding[row] = prompt_length - len(prompt)
+        tokens[row, padding[row]:] = prompt
+        segments[row, padding[row]:] = 1
+    positions = np.maximum(np.arange(prompt_length)[None, :] - padding[:, None], 0).astype(np.int32)
+    cache = KVCache.empty(scorer.config, rows, _round_up(prompt_length + max_new_tokens, LENGTH_BUCKET))
+    with activation_sharding(scorer.mesh, scorer.rules):
+        next_tokens, cache = _prefill(scorer.graphdef, scorer.rules, scorer.params, tokens, positions, segments, cache)
+        outputs: list[list[int]] = [[] for _ in prompts]
+        finished = np.zeros(len(prompts), bool)
+        for step in range(max_new_tokens):
+            chosen = np.asarray(jax.device_get(next_tokens))
+            for row in np.flatnonzero(~finished):
+                if int(chosen[row]) in stop_ids:
+                    finished[row] = True
+                    continue
+                outputs[row].append(int(chosen[row]))
+                finished[row] = is_finished is not None and is_finished(int(row), outputs[row])
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            step_positions = (prompt_length + step - padding)[:, None].astype(np.int32)
+            next_tokens, cache = _decode_step(scorer.graphdef, scorer.rules, scorer.params,
+                                              chosen[:, None].astype(np.int32), step_positions, cache)
+    return outputs
+
+
+def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string."""
+    cut = min((index for index in (text.find(stop) for stop in stop_strings if stop) if index >= 0),
+              default=len(text))
+    return text[:cut]
+
+
+# ── Loading for the evaluation programs ─────────────────────────────────────────────────────────────────────────
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """'DATA,FSDP,TENSOR' sizes, one of them may be -1 (the remaining devices)."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3:
+        raise DataError(f"--mesh {text!r}: expected three sizes DATA,FSDP,TENSOR such as 1,-1,1")
+    return sizes  # type: ignore[return-value]
+
+
+def add_model_arguments(parser, *, multi_process: bool = False) -> None:
+    """The options the evaluation programs share: which model, tokenizer, dtype and mesh."""
+    parser.add_argument("--model", required=True, metavar="PATH",
+                        help="checkpoint of any format: llama-jax (or a training run directory), Hugging Face, Meta")
+    parser.add_argument("--tokenizer", metavar="PATH", default=None,
+                        help="tokenizer file or folder (default: the model folder's tokenizer.model)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="compute dtype (default: the checkpoint's); parameters stay float32")
+    parser.add_argument("--mesh", default="1,-1,1", metavar="DATA,FSDP,TENSOR",
+                        help="device mesh sizes, -1 = the remaining devices (default 1,-1,1: parameters and batch "
+                             "split over all devices)")
+    if multi_process:
+        parser.add_argument("--distributed", action="store_true",
+                            help="join JAX's distributed runtime first (one process per host; the coordinator and "
+                                 "process ids come from the cluster: SLURM, Open MPI, Kubernetes)")
+
+
+def load_scorer(model_path: PathLike, tokenizer_path: PathLike | None = None, *, dtype: str | None = None,
+                mesh: tuple[int, int, int] = (1, -1, 1)) -> tuple[Scorer, Tokenizer]:
+    """The model at `model_path` (any format) sharded on a mesh, and its tokenizer (checked to fit the model)."""
+    from llama_jax.convert import load
+    from llama_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path if tokenizer_path is not None else model_path)
+    device_mesh = make_mesh(*mesh)
+    model = load(model_path, dtype=dtype, mesh=device_mesh)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model.config.vocab_size}: they do not belong together")
+    return Scorer(model, device_mesh), tokenizer
+
+
+def scorer_from_args(args) -> tuple[Scorer, Tokenizer]:
+    if getattr(args, "distributed", False):
+        from llama_jax import distributed
+        from llama_jax.config import DistributedConfig
+
+        distributed.initialize(DistributedConfig())
+    return load_scorer(args.model, args.tokenizer, dtype=args.dtype, mesh=parse_mesh(args.mesh))
