@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -43,7 +44,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from llama_jax.config import ModelConfig
-from llama_jax.data import (TokenStore, batch_for_step, build_store, default_cache_dir, read_documents,
+from llama_jax.data import (TokenStore, batch_for_step, build_store, default_cache_dir, process_rows, read_documents,
                             resolve_sources)
 from llama_jax.errors import DataError
 from llama_jax.layout import merge_params, model_params, param_specs
@@ -192,15 +193,9 @@ def open_text_store(sources: PathLike | Sequence[PathLike], tokenizer: Tokenizer
     """The sources tokenized into a token store, built once and reused (keyed by the files and the tokenizer)."""
     if store_dir is None:
         paths = [str(path) for path in resolve_sources(sources)]
-        key = _digest(json.dumps(paths) + tokenizer.fingerprint())
+        key = hashlib.sha256((json.dumps(paths) + tokenizer.fingerprint()).encode()).hexdigest()[:16]
         store_dir = default_cache_dir() / "eval" / key
     return build_store(sources, tokenizer, store_dir)
-
-
-def _digest(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def epoch_batches(store: TokenStore, seq_len: int, batch_size: int) -> int:
@@ -228,7 +223,7 @@ def evaluate_perplexity(scorer: Scorer, store: TokenStore, *, seq_len: int, batc
     """
     whole_epoch = num_batches is None
     total_batches = epoch_batches(store, seq_len, batch_size) if whole_epoch else num_batches
-    rows = _process_rows(batch_size)
+    rows = process_rows(batch_size, jax.process_index(), jax.process_count())
     pending: list[tuple[jax.Array, jax.Array]] = []
     bar = tqdm(total=total_batches, unit="batch", file=sys.stderr, dynamic_ncols=True,
                disable=not progress or jax.process_index() != 0, desc="perplexity")
@@ -260,12 +255,6 @@ def evaluate_perplexity(scorer: Scorer, store: TokenStore, *, seq_len: int, batc
 def _accumulate(result: tuple[jax.Array, jax.Array], nats: float, tokens: float) -> tuple[float, float]:
     loss_sum, weight_sum = jax.device_get(result)
     return nats + float(loss_sum), tokens + float(weight_sum)
-
-
-def _process_rows(batch_size: int) -> range:
-    from llama_jax.data import process_rows
-
-    return process_rows(batch_size, jax.process_index(), jax.process_count())
 
 
 # ── Log-likelihoods of token sequences ──────────────────────────────────────────────────────────────────────────

@@ -1,14 +1,14 @@
 """Evaluation: perplexity against the training program's validation loss, bits per byte and multiple choice against
 hand computation, the lm-eval adapter on a task defined from local files, greedy decoding against a full forward.
 
-Hand computations use a second code path: one plain full forward of the model per sequence (no batching, padding,
-chunked output head or mesh), then log-softmax and sums in float64 numpy.
+Hand computations use a second code path: one plain full forward of the model per sequence (no batching, chunked
+output head or mesh; right-padded to one fixed length, which a causal model cannot see), then log-softmax and sums in
+float64 numpy.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -86,6 +86,12 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def valid_dir(workspace) -> Path:
+    """A folder holding the validation text as one JSONL file."""
+    return write_jsonl(workspace / "valid" / "docs.jsonl", [{"text": text} for text in VALID_DOCUMENTS]).parent
+
+
 REFERENCE_LENGTH = 64  # the reference forward pads every sequence to this length, so it compiles once
 
 
@@ -118,12 +124,11 @@ def run_cli(main, argv: list[str], capsys) -> dict:
 
 # ── Perplexity ───────────────────────────────────────────────────────────────────────────────────────────────────
 @pytest.mark.parametrize("document_masking", [False, True])
-def test_perplexity_equals_training_validation_loss(workspace, tokenizer, model, checkpoint, capsys,
+def test_perplexity_equals_training_validation_loss(workspace, tokenizer, model, checkpoint, valid_dir, capsys,
                                                     document_masking):
     """The training program's eval_loss (loop.evaluate over loop.global_batch) on a different mesh, vs the CLI."""
-    valid = write_jsonl(workspace / "valid" / "docs.jsonl", [{"text": text} for text in VALID_DOCUMENTS])
     batches, batch_size, seq_len, seed = 3, 4, 32, 5
-    store = build_store(valid, tokenizer, workspace / f"training_store_{document_masking}")
+    store = build_store(valid_dir, tokenizer, workspace / f"training_store_{document_masking}")
     trainer = Trainer.create(model.config, OptimizerConfig(), 10, make_mesh(data=2, fsdp=2, tensor=2))
     params = jax.device_put(model_params(model), trainer.param_shardings())
     expected = training_validation_loss(
@@ -132,7 +137,7 @@ def test_perplexity_equals_training_validation_loss(workspace, tokenizer, model,
 
     masking_flag = "--document-masking" if document_masking else "--no-document-masking"
     report = run_cli(perplexity_cli.main, [
-        "--model", checkpoint, "--data", valid.parent, "--batches", batches, "--batch-size", batch_size,
+        "--model", checkpoint, "--data", valid_dir, "--batches", batches, "--batch-size", batch_size,
         "--seq-len", seq_len, "--seed", seed, masking_flag, "--store-dir", workspace / f"store_{document_masking}",
         "--json", "--no-progress"], capsys)
     assert report["tokens"] <= batches * batch_size * seq_len and not report["bytes_exact"]
@@ -160,9 +165,9 @@ def test_whole_pass_loss_and_bits_per_byte_by_hand(workspace, model, loaded):
     assert result.bits_per_byte == pytest.approx(nats / math.log(2) / text_bytes, rel=1e-5)
 
 
-def test_whole_pass_in_many_windows_scores_every_token_once(workspace, loaded, checkpoint, capsys):
+def test_whole_pass_in_many_windows_scores_every_token_once(workspace, loaded, checkpoint, valid_dir, capsys):
     scorer, tokenizer = loaded
-    source = workspace / "valid"
+    source = valid_dir
     report = run_cli(perplexity_cli.main, ["--model", checkpoint, "--data", source, "--seq-len", 32,
                                            "--batch-size", 4, "--store-dir", workspace / "many_windows",
                                            "--json", "--no-progress"], capsys)
@@ -172,11 +177,18 @@ def test_whole_pass_in_many_windows_scores_every_token_once(workspace, loaded, c
     assert report["text_bytes"] == sum(len(text.encode("utf-8")) for text in VALID_DOCUMENTS)
     assert report["bits_per_byte"] == pytest.approx(report["loss"] * report["tokens"] / math.log(2)
                                                     / report["text_bytes"])
+    # Any checkpoint format: the same weights as a Hugging Face folder score the same.
+    hf_dir = llama_jax.save(loaded_model(checkpoint), workspace / "hf", format="hf")
     capsys.readouterr()
-    assert perplexity_cli.main(["--model", str(checkpoint), "--data", str(source), "--seq-len", "32",
-                                "--batch-size", "4", "--store-dir", str(workspace / "many_windows"),
-                                "--no-progress"]) == 0
-    assert "bits/byte" in capsys.readouterr().out
+    assert perplexity_cli.main(["--model", str(hf_dir), "--tokenizer", str(checkpoint), "--dtype", "float32",
+                                "--data", str(source), "--seq-len", "32", "--batch-size", "4",
+                                "--store-dir", str(workspace / "many_windows"), "--no-progress"]) == 0
+    summary = capsys.readouterr().out
+    assert f"loss {report['loss']:.4f} nats/token" in summary and f"{report['bits_per_byte']:.4f} bits/byte" in summary
+
+
+def loaded_model(checkpoint: Path) -> Llama:
+    return llama_jax.load(checkpoint)
 
 
 # ── Multiple choice ──────────────────────────────────────────────────────────────────────────────────────────────
