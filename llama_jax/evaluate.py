@@ -152,7 +152,7 @@ class Scorer:
 class PerplexityResult:
     nats: float  # summed negative log-likelihood of the scored tokens
     tokens: int  # targets scored (document tokens and EOS; never BOS)
-    text_bytes: float | None  # UTF-8 bytes of the text those tokens cover (apportioned if not bytes_exact)
+    text_bytes: int | float | None  # UTF-8 bytes of the text those tokens cover (apportioned if not bytes_exact)
     bytes_exact: bool
     batches: int
     seq_len: int
@@ -248,7 +248,7 @@ def evaluate_perplexity(scorer: Scorer, store: TokenStore, *, seq_len: int, batc
     expected = store.num_tokens + store.num_documents
     if whole_epoch and int(tokens) != expected:  # every document token and EOS once: anything else is a bug
         raise DataError(f"scored {int(tokens)} targets over one pass, expected {expected}")
-    scored_bytes = None if text_bytes is None else text_bytes * (1.0 if whole_epoch else tokens / expected)
+    scored_bytes = text_bytes if text_bytes is None or whole_epoch else text_bytes * tokens / expected
     return PerplexityResult(nats, int(tokens), scored_bytes, whole_epoch, total_batches, seq_len, batch_size)
 
 
