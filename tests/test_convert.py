@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import jax
@@ -198,6 +199,11 @@ def test_meta_shards_have_meta_shapes(case):
     by_hand = write_meta_by_hand(reference, config, root / "meta_shapes_by_hand", 2)
     for a, b in zip(meta_tensors(by_hand), meta_tensors(root / "meta_shapes")):
         assert_same_bytes(a, b)
+    for file in (root / "meta_shapes").glob("consolidated.*.pth"):  # records filled in place, CRCs and all
+        with zipfile.ZipFile(file) as archive:
+            assert archive.testzip() is None
+    with convert.open_source(root / "meta_shapes") as source:  # reading releases pages: a second read is the same
+        assert np.array_equal(source.read("blocks.attention.w_q"), source.read("blocks.attention.w_q"))
     params = json.loads((root / "meta_shapes" / "params.json").read_text())
     assert params["use_scaled_rope"] == (config.rope_scaling is not None)
     assert params["rope_theta"] == config.rope_theta and params["n_kv_heads"] == config.kv_heads

@@ -1,9 +1,12 @@
 """Hugging Face format: `config.json` + `model.safetensors` (or `model-0000i-of-0000n.safetensors` with
 `model.safetensors.index.json`), as `transformers.LlamaForCausalLM.save_pretrained` writes and `from_pretrained` reads.
 
-Reading opens every file with `safetensors.safe_open` (memory-mapped) and fetches one tensor at a time. Writing lays
-out every file's header first (names, shapes and byte offsets are known from the config) and then writes each tensor
-at its offset as it is produced, so no file is ever assembled in memory.
+Both directions work on the safetensors layout directly (an 8-byte header length, a JSON header of names, dtypes,
+shapes and byte offsets, then the raw little-endian data): reading validates the header against the file's size and
+then reads one tensor at a time with pread, and writing lays out every file's header first (all shapes are known
+from the config) and then writes each tensor at its offset as it is produced. `safetensors.safe_open` memory-maps
+whole files, and every page it touches stays in the process's resident set until the file is closed, which would
+count the whole checkpoint against a conversion's memory; plain reads keep only the tensor being converted.
 """
 from __future__ import annotations
 
@@ -11,10 +14,9 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from llama_jax.config import ModelConfig, RopeScaling
 from llama_jax.convert.common import BFLOAT16, ExternalSource, ParamSource, cast, check_names, check_shapes
@@ -26,6 +28,8 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", BFLOAT16: "BF16", np.dtype(np.float16): "F16"}
+DTYPES_BY_CODE = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1000**2  # the safetensors library's own limit
 # Buffers some older checkpoints carry that hold nothing learned (recomputed from the config).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -127,21 +131,18 @@ def _scaling_to_hf(scaling: RopeScaling | None) -> dict[str, Any] | None:
 
 # ── Reading ─────────────────────────────────────────────────────────────────────────────────────────────────────
 class HFSource(ExternalSource):
-    """A Hugging Face folder, tensors fetched one at a time from memory-mapped safetensors files."""
+    """A Hugging Face folder, tensors read one at a time from the safetensors files."""
 
     def __init__(self, path: Path):
         raw = _read_json(path / CONFIG_FILE)
         config = config_from_hf(raw, path / CONFIG_FILE)
-        self._handles = {file: _open_safetensors(file) for file in _weight_files(path)}
-        self._where: dict[str, Any] = {}
+        self._files = [SafetensorsFile(file) for file in _weight_files(path)]
+        self._where: dict[str, SafetensorsFile] = {}
         found: dict[str, tuple[int, ...]] = {}
-        dtypes: dict[str, str] = {}
-        for handle in self._handles.values():
-            for name in handle.keys():
-                if name.endswith(IGNORED_SUFFIXES):
-                    continue
-                tensor = handle.get_slice(name)
-                self._where[name], found[name], dtypes[name] = handle, tuple(tensor.get_shape()), tensor.get_dtype()
+        for file in self._files:
+            for name, entry in file.entries.items():
+                if not name.endswith(IGNORED_SUFFIXES):
+                    self._where[name], found[name] = file, entry.shape
         mappings = hf_mappings(config)
         expected = {mapping.theirs: mapping.their_shape for mapping in mappings}
         if config.tie_embeddings and "lm_head.weight" in found:
@@ -149,20 +150,84 @@ class HFSource(ExternalSource):
         check_names(expected, found, what=f"tensors in {path}", config=config)
         check_shapes(expected, found, config)
         super().__init__(config, mappings)
-        self.dtype = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}.get(dtypes[mappings[0].theirs])
-        if self.dtype is None:
-            raise ConversionError(f"{mappings[0].theirs} in {path} has dtype {dtypes[mappings[0].theirs]}: "
-                                  f"expected one of {sorted(SAFETENSORS_DTYPES.values())}")
+        first = mappings[0].theirs
+        self.dtype = self._where[first].entries[first].dtype
 
     def read_external(self, name: str) -> np.ndarray:
-        try:
-            return self._where[name].get_tensor(name)
-        except SafetensorError as error:
-            raise ConversionError(f"cannot read tensor {name}: {error}") from None
+        return self._where[name].read(name)
 
     def close(self) -> None:
-        self._handles.clear()
-        self._where.clear()
+        for file in self._files:
+            file.close()
+
+
+class _Entry(NamedTuple):
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int  # byte offsets from the start of the file
+    end: int
+
+
+class SafetensorsFile:
+    """One safetensors file: its header parsed and checked against the file's size; tensors read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._file = open(path, "rb")
+        except OSError as error:
+            raise ConversionError(f"cannot open {path}: {error}") from None
+        try:
+            self.entries = self._parse_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _damaged(self, why: str) -> ConversionError:
+        return ConversionError(f"{self.path} is not a readable safetensors file (truncated or damaged?): {why}")
+
+    def _parse_header(self) -> dict[str, _Entry]:
+        size = os.fstat(self._file.fileno()).st_size
+        prefix = self._file.read(8)
+        if len(prefix) < 8:
+            raise self._damaged(f"{size} bytes, shorter than the 8-byte header length")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > min(MAX_HEADER_BYTES, size - 8):
+            raise self._damaged(f"header length {header_size} does not fit in the file's {size} bytes")
+        try:
+            header = json.loads(self._file.read(header_size))
+        except ValueError as error:
+            raise self._damaged(f"header is not JSON ({error})") from None
+        header.pop("__metadata__", None)
+        data_start, entries, end = 8 + header_size, {}, 0
+        for name, info in header.items():
+            dtype = DTYPES_BY_CODE.get(info.get("dtype")) if isinstance(info, dict) else None
+            if dtype is None:
+                raise self._damaged(f"tensor {name} has dtype {info.get('dtype') if isinstance(info, dict) else info}"
+                                    f", not one of {sorted(DTYPES_BY_CODE)}")
+            shape, (begin, stop) = tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            if stop - begin != math.prod(shape) * dtype.itemsize:
+                raise self._damaged(f"tensor {name} of shape {shape} spans {stop - begin} bytes")
+            entries[name] = _Entry(dtype, shape, data_start + begin, data_start + stop)
+            end = max(end, data_start + stop)
+        if end != size:
+            raise self._damaged(f"its header describes {end} bytes but the file has {size}")
+        return entries
+
+    def read(self, name: str) -> np.ndarray:
+        entry = self.entries[name]
+        array = np.empty(entry.shape, entry.dtype)
+        buffer = memoryview(array.reshape(-1).view(np.uint8))
+        position = entry.begin
+        while len(buffer):
+            count = os.preadv(self._file.fileno(), [buffer], position)
+            if count == 0:
+                raise self._damaged(f"tensor {name} ends past the end of the file")
+            buffer, position = buffer[count:], position + count
+        return array
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def open_hf(path: Path) -> HFSource:
@@ -193,13 +258,6 @@ def _weight_files(path: Path) -> list[Path]:
     if (path / SINGLE_FILE).is_file():
         return [path / SINGLE_FILE]
     return sorted(path.glob("*.safetensors"))
-
-
-def _open_safetensors(file: Path):
-    try:
-        return safe_open(str(file), framework="numpy")
-    except (SafetensorError, OSError) as error:
-        raise ConversionError(f"{file} is not a readable safetensors file (truncated or damaged?): {error}") from None
 
 
 # ── Writing ─────────────────────────────────────────────────────────────────────────────────────────────────────

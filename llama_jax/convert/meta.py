@@ -15,9 +15,16 @@ PyTorch is needed for this format only (`pip install 'llama-jax[meta]'`).
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import mmap
+import os
 import re
+import struct
+import sys
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,8 @@ SPLIT_DIMS: dict[str, int | None] = {
 }
 EMBEDDING_SPLITS = {"vocab": 0, "dim": 1}  # Llama 3 (VocabParallelEmbedding), Llama 2 (ParallelEmbedding)
 LLAMA3_ROPE_THETA = 500000.0
+_MADV_DONTNEED = 4
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 # Meta's `use_scaled_rope` applies Llama 3.1's scaling with these constants, fixed in its code.
 META_ROPE_SCALING = RopeScaling()
 
@@ -142,6 +151,26 @@ def _load_shard(file: Path) -> dict[str, Any]:
     return state
 
 
+def _release_pages(tensor: Any) -> None:
+    """Drop the memory-mapped file pages behind `tensor` from this process's resident set.
+
+    torch.load(mmap=True) maps each file privately and read-only in practice; pages read once stay resident (and
+    count as this process's memory) until unmapped. Once a tensor has been copied out they are not needed, and
+    MADV_DONTNEED on clean private file pages only means a later access reads them from the file again.
+    """
+    if _LIBC is None:
+        return
+    storage = tensor.untyped_storage()
+    start, size = storage.data_ptr(), storage.nbytes()
+    first_page = start - start % mmap.PAGESIZE
+    end = start + size
+    # Whole pages strictly inside the tensor only, so a neighbour's shared page is never touched.
+    first_page = first_page if first_page == start else first_page + mmap.PAGESIZE
+    length = (end - first_page) // mmap.PAGESIZE * mmap.PAGESIZE
+    if length > 0:
+        _LIBC.madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(length), _MADV_DONTNEED)
+
+
 def to_numpy(tensor: Any) -> np.ndarray:
     torch = _torch()
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; reinterpret the bits as ml_dtypes' bfloat16
@@ -224,13 +253,16 @@ class MetaSource(ExternalSource):
         pieces = [shard[name] for shard in self._shards]
         axis = self._split.get(name)
         if axis is None or len(pieces) == 1:
-            first = to_numpy(pieces[0])
+            first = to_numpy(pieces[0]).copy()
             for file, piece in zip(self._files[1:], pieces[1:]):
                 if not np.array_equal(to_numpy(piece), first):
                     raise ConversionError(f"tensor {name} should be the same in every shard but differs in "
                                           f"{file.name}")
-            return first
-        return np.concatenate([to_numpy(piece) for piece in pieces], axis=axis)
+        else:
+            first = np.concatenate([to_numpy(piece) for piece in pieces], axis=axis)
+        for piece in pieces:
+            _release_pages(piece)
+        return first
 
     def close(self) -> None:
         self._shards = []
@@ -253,34 +285,123 @@ def _read_params_json(path: Path) -> dict[str, Any]:
 # ── Writing ─────────────────────────────────────────────────────────────────────────────────────────────────────
 def write_meta(source: ParamSource, directory: Path, dtype: np.dtype | None, shards: int,
                embedding_split: str = "auto") -> None:
-    """Write a Meta folder with `shards` consolidated.NN.pth files into the existing `directory`."""
+    """Write a Meta folder with `shards` consolidated.NN.pth files into the existing `directory`, streaming.
+
+    torch.save wants every tensor of a file at once, so each file is first written as a skeleton with torch's
+    `skip_data` (the zip layout, pickled tensor metadata and space for every tensor, from untouched `torch.empty`
+    tensors), and each tensor's bytes are then written into its record as our parameters are read one at a time.
+    """
     torch = _torch()
     config = source.config
     out_dtype = dtype if dtype is not None else source.dtype
     embedding_dim = embedding_split_dim(config, embedding_split)
     _check_divisible(config, shards, embedding_dim)
     (directory / PARAMS_FILE).write_text(json.dumps(params_json(config), indent=2) + "\n")
-    mappings = meta_mappings(config)
-    by_ours: dict[str, list[TensorMapping]] = {}
-    for mapping in mappings:
-        by_ours.setdefault(mapping.ours, []).append(mapping)
-    # Keys in Meta's order (embedding, layer by layer, norm, output), filled as our parameters are read.
-    files: list[dict[str, Any]] = [{mapping.theirs: None for mapping in mappings} for _ in range(shards)]
-    for name, group in by_ours.items():
-        value = source.read(name)
-        axis = embedding_dim if name == "embedding" else SPLIT_DIMS[name]
-        for mapping in group:
-            tensor = cast(mapping.to_theirs(value if mapping.layer is None else value[mapping.layer]), out_dtype)
-            for rank, piece in enumerate(_cut(tensor, axis, shards)):
-                files[rank][mapping.theirs] = from_numpy(piece)
-            if config.tie_embeddings and name == "embedding":
-                # Meta's reference model always has an output layer; a tied head is written as a copy.
-                for rank, piece in enumerate(_cut(tensor, SPLIT_DIMS["output"], shards)):
-                    files[rank][OUTPUT] = from_numpy(piece)
-        del value
-    for rank, state in enumerate(files):
-        torch.save(state, directory / f"consolidated.{rank:02d}.pth")
-        files[rank] = {}  # let this rank's tensors go before the next file is written
+    # Meta's reference model always has an output layer: a tied head is written as a copy of the embedding.
+    plan = [(mapping, embedding_dim if mapping.ours == "embedding" else SPLIT_DIMS[mapping.ours], mapping.theirs)
+            for mapping in meta_mappings(config)]
+    if config.tie_embeddings:
+        plan.append((plan[0][0], SPLIT_DIMS["output"], OUTPUT))
+    torch_dtype = from_numpy(np.zeros(1, out_dtype)).dtype
+    files = [directory / f"consolidated.{rank:02d}.pth" for rank in range(shards)]
+    for file in files:
+        skeleton = {name: torch.empty(_piece_shape(mapping.their_shape, axis, shards), dtype=torch_dtype)
+                    for mapping, axis, name in plan}
+        with torch.serialization.skip_data():
+            torch.save(skeleton, file)
+        del skeleton
+    records = [_TorchZipRecords(file, [name for _, _, name in plan]) for file in files]
+    try:
+        for name in dict.fromkeys(mapping.ours for mapping, _, _ in plan):
+            value = source.read(name)
+            for mapping, axis, theirs in plan:
+                if mapping.ours != name:
+                    continue
+                tensor = cast(mapping.to_theirs(value if mapping.layer is None else value[mapping.layer]), out_dtype)
+                for rank, piece in enumerate(_cut(tensor, axis, shards)):
+                    records[rank].fill(theirs, piece)
+            del value
+        for file_records in records:
+            file_records.finish()
+    finally:
+        for file_records in records:
+            file_records.close()
+
+
+def _piece_shape(shape: tuple[int, ...], axis: int | None, shards: int) -> tuple[int, ...]:
+    if axis is None:
+        return shape
+    return tuple(size // shards if dim == axis else size for dim, size in enumerate(shape))
+
+
+class _TorchZipRecords:
+    """The tensor records of a zip written by torch.save, to be filled in place (with their CRC-32s).
+
+    torch stores each tensor's bytes uncompressed in a record `<archive>/data/<key>`, keys numbered in the order
+    tensors are pickled (the dict's order). A record's CRC-32 appears three times: in its local header, in the data
+    descriptor after it, and in the central directory; all three are written once the bytes are in.
+    """
+
+    _LOCAL, _CENTRAL, _DESCRIPTOR = 0x04034B50, 0x02014B50, 0x08074B50
+
+    def __init__(self, path: Path, names: list[str]):
+        self.path = path
+        with zipfile.ZipFile(path) as archive:
+            infos, central_start = archive.infolist(), archive.start_dir
+        self._descriptor = os.open(path, os.O_RDWR)
+        central_crc = self._central_crc_positions(infos, central_start)
+        by_key = {info.filename.rsplit("/data/", 1)[1]: info for info in infos if "/data/" in info.filename}
+        if sorted(by_key, key=int) != [str(i) for i in range(len(names))]:
+            raise ConversionError(f"{path}: torch.save wrote records {sorted(by_key)} for {len(names)} tensors")
+        self._records: dict[str, tuple[int, int, list[int]]] = {}
+        for key, name in enumerate(names):
+            info = by_key[str(key)]
+            local = os.pread(self._descriptor, 30, info.header_offset)
+            if int.from_bytes(local[:4], "little") != self._LOCAL or info.compress_type != zipfile.ZIP_STORED:
+                raise ConversionError(f"{path}: record {info.filename} is not a stored zip entry")
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            start = info.header_offset + 30 + name_length + extra_length
+            crc_positions = [info.header_offset + 14, central_crc[info.filename]]
+            if info.flag_bits & 0x08:  # a data descriptor follows the data, with or without its signature
+                signature = os.pread(self._descriptor, 4, start + info.file_size)
+                has_signature = int.from_bytes(signature, "little") == self._DESCRIPTOR
+                crc_positions.append(start + info.file_size + (4 if has_signature else 0))
+            self._records[name] = (start, info.file_size, crc_positions)
+        self._filled: set[str] = set()
+
+    def _central_crc_positions(self, infos: list[zipfile.ZipInfo], position: int) -> dict[str, int]:
+        positions = {}
+        for info in infos:  # the central directory lists entries in infolist() order
+            header = os.pread(self._descriptor, 46, position)
+            if int.from_bytes(header[:4], "little") != self._CENTRAL:
+                raise ConversionError(f"{self.path}: unexpected zip central directory layout")
+            positions[info.filename] = position + 16
+            name_length, extra_length, comment_length = struct.unpack("<HHH", header[28:34])
+            position += 46 + name_length + extra_length + comment_length
+        return positions
+
+    def fill(self, name: str, array: np.ndarray) -> None:
+        start, size, crc_positions = self._records[name]
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        if data.nbytes != size:
+            raise ConversionError(f"{self.path}: tensor {name} has {data.nbytes} bytes, its record {size}")
+        view, position = memoryview(data), start
+        while len(view):
+            written = os.pwrite(self._descriptor, view, position)
+            view, position = view[written:], position + written
+        crc = struct.pack("<I", zlib.crc32(data))
+        for crc_position in crc_positions:
+            os.pwrite(self._descriptor, crc, crc_position)
+        self._filled.add(name)
+
+    def finish(self) -> None:
+        unfilled = [name for name in self._records if name not in self._filled]
+        if unfilled:
+            raise ConversionError(f"{self.path}: tensors {unfilled[:6]} were never written")
+        os.fsync(self._descriptor)
+
+    def close(self) -> None:
+        os.close(self._descriptor)
 
 
 def _cut(tensor: np.ndarray, axis: int | None, shards: int) -> list[np.ndarray]:
