@@ -295,17 +295,23 @@ def test_native_format_layout_and_sharded_restore(case):
     np.testing.assert_allclose(our_logits(sharded), expected, atol=1e-4, rtol=0)
 
 
-def make_run_dir(root: Path, model, steps: dict[str, bool]) -> Path:
-    """A run directory as the trainer writes it: config.yaml with the model mapping, checkpoints/<step>/params."""
+def make_run_dir(root: Path, model, steps: dict[str, str]) -> Path:
+    """A run directory as the trainer writes it: config.yaml with the model mapping, checkpoints/<step>/params.
+
+    steps: {directory name: 'complete' | 'unfinished' (no commit_success.txt) | 'damaged' (no params metadata)}.
+    """
     run = root / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "model": dataclasses.asdict(model.config)}))
-    for step, complete in steps.items():
+    for step, state in steps.items():
         step_dir = run / "checkpoints" / step
         step_dir.mkdir()
         native.write_native(model.config, model_params(model), step_dir)
         (step_dir / "model.json").unlink()  # not guaranteed beside a training checkpoint
-        if not complete:
+        (step_dir / "params" / "commit_success.txt").unlink()
+        if state != "unfinished":
+            (step_dir / "commit_success.txt").write_text("")  # the CheckpointManager marks the whole step
+        if state == "damaged":
             (step_dir / "params" / "_METADATA").unlink()
     return run
 
@@ -313,8 +319,10 @@ def make_run_dir(root: Path, model, steps: dict[str, bool]) -> Path:
 def test_run_directory_reads_newest_complete_step(case):
     config, reference, hf_dir, expected, root = case
     model = llama_jax.load(hf_dir, dtype="float32")
-    # 300 lost its metadata (interrupted), "400.orbax-checkpoint-tmp-1" is an unfinished save: 200 is the newest.
-    run = make_run_dir(root, model, {"100": True, "200": True, "300": False, "400.orbax-checkpoint-tmp-1": True})
+    # 200 is the newest complete step: 300 lost its params metadata, 400 never got its commit marker, and
+    # "500.orbax-checkpoint-tmp-1" is a save in progress.
+    run = make_run_dir(root, model, {"100": "complete", "200": "complete", "300": "damaged", "400": "unfinished",
+                                     "500.orbax-checkpoint-tmp-1": "complete"})
     assert native.latest_run_checkpoint(run)[0] == 200
     assert convert.detect_format(run) == "orbax"
     np.testing.assert_allclose(our_logits(llama_jax.load(run, dtype="float32")), expected, atol=1e-4, rtol=0)
@@ -327,7 +335,7 @@ def test_run_directory_reads_newest_complete_step(case):
 def test_run_directory_without_complete_checkpoint(tmp_path):
     model = model_from_params(LLAMA2, {name: np.zeros(shape, np.float32) for name, shape in
                                        param_shapes(LLAMA2).items()})
-    run = make_run_dir(tmp_path, model, {"5": False})
+    run = make_run_dir(tmp_path, model, {"5": "damaged", "6": "unfinished"})
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         llama_jax.load(run)
 

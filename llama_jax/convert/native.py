@@ -96,13 +96,16 @@ def run_steps(run_dir: Path) -> list[int]:
 def latest_run_checkpoint(run_dir: str | Path) -> tuple[int, Path]:
     """(step, path of its `params` item) of the newest complete checkpoint of a run directory.
 
-    A step whose params cannot be read (metadata missing or corrupt) is skipped for the one before it.
+    Complete: Orbax's `commit_success.txt` marks the step (or its params item) as fully written, and the params'
+    metadata reads. A step that fails either is skipped for the one before it.
     """
     run_dir = Path(run_dir)
     problems = []
     for step in run_steps(run_dir):
         params = run_dir / RUN_CHECKPOINTS / str(step) / PARAMS_DIR
         try:
+            if not any((where / "commit_success.txt").is_file() for where in (params.parent, params)):
+                raise ConversionError("no commit_success.txt (an unfinished save)")
             _array_metadata(params)
             return step, params
         except ConversionError as error:
