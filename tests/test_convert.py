@@ -28,6 +28,7 @@ from hf_reference import hf_logits, random_hf_model
 from llama_jax import convert
 from llama_jax.config import ModelConfig, RopeScaling
 from llama_jax.convert import native
+from llama_jax.convert.common import BFLOAT16
 from llama_jax.convert.__main__ import main as cli_main
 from llama_jax.errors import CheckpointError, ConversionError, run_program
 from llama_jax.layout import model_from_params, model_params, param_shapes
@@ -263,6 +264,20 @@ def test_bfloat16_checkpoints(case):
     np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)
     scale = np.abs(expected).max()
     assert np.abs(mine - expected).max() < 0.02 * scale  # bf16 weights: ~3 significant digits
+
+
+def test_mixed_dtypes_are_kept_per_tensor(case, tmp_path):
+    """bfloat16 weights beside float32 norms survive HF → orbax → Meta → orbax → HF unchanged."""
+    config, reference, hf_dir, _, root = case
+    mixed = edited_hf(hf_dir, tmp_path / "mixed", tensors=lambda state: {
+        name: value if name.endswith("norm.weight") else value.astype(BFLOAT16) for name, value in state.items()})
+    convert.convert(mixed, tmp_path / "orbax", "orbax")
+    convert.convert(tmp_path / "orbax", tmp_path / "meta", "meta", shards=2)
+    rank1 = meta_tensors(tmp_path / "meta")[1]
+    assert rank1["norm.weight"].dtype == torch.float32 and rank1["output.weight"].dtype == torch.bfloat16
+    convert.convert(tmp_path / "meta", tmp_path / "orbax2", "orbax")
+    convert.convert(tmp_path / "orbax2", tmp_path / "back", "hf")
+    assert_same_bytes(hf_tensors(mixed), hf_tensors(tmp_path / "back"))
 
 
 def test_tied_embeddings_hf_round_trip(tmp_path):

@@ -57,6 +57,10 @@ class ParamSource(abc.ABC):
     def read(self, name: str) -> np.ndarray:
         """One parameter, in our layout, in its stored dtype."""
 
+    def dtype_of(self, name: str) -> np.dtype:
+        """The stored dtype of one parameter (a checkpoint may keep, say, norms in float32 beside bfloat16)."""
+        return self.dtype
+
     def close(self) -> None:
         """Release open files (sources that hold none need not override this)."""
 
@@ -73,7 +77,7 @@ class ArraySource(ParamSource):
     def __init__(self, config: ModelConfig, params: Mapping[str, np.ndarray]):
         self.config = config
         self._params = params
-        self.dtype = np.dtype(np.asarray(params["embedding"]).dtype) if "embedding" in params else np.dtype("float32")
+        self.dtype = np.dtype(params["embedding"].dtype) if "embedding" in params else np.dtype("float32")
         expected = param_shapes(config)
         check_names(expected, {name: tuple(value.shape) for name, value in params.items()}, what="parameters")
         for name, shape in expected.items():
@@ -83,6 +87,9 @@ class ArraySource(ParamSource):
 
     def read(self, name: str) -> np.ndarray:
         return np.asarray(self._params[name])
+
+    def dtype_of(self, name: str) -> np.dtype:
+        return np.dtype(self._params[name].dtype)
 
 
 class ExternalSource(ParamSource):
@@ -101,6 +108,22 @@ class ExternalSource(ParamSource):
     @abc.abstractmethod
     def read_external(self, name: str) -> np.ndarray:
         """One external tensor by its external name, in its stored dtype and layout."""
+
+    @abc.abstractmethod
+    def external_dtype(self, name: str) -> np.dtype:
+        """The stored dtype of one external tensor, without reading it."""
+
+    def dtype_of(self, name: str) -> np.dtype:
+        return self.external_dtype(self._by_ours[name][0].theirs)
+
+    def check_dtypes(self) -> None:
+        """Layers are stacked into one array per parameter, so each parameter's tensors must share a dtype."""
+        for name, group in self._by_ours.items():
+            first = self.external_dtype(group[0].theirs)
+            for mapping in group[1:]:
+                if self.external_dtype(mapping.theirs) != first:
+                    raise ConversionError(f"tensor {mapping.theirs} is {self.external_dtype(mapping.theirs)} but "
+                                          f"{group[0].theirs} is {first}: the layers of a weight must share a dtype")
 
     def read(self, name: str) -> np.ndarray:
         stacked: np.ndarray | None = None

@@ -150,11 +150,14 @@ class HFSource(ExternalSource):
         check_names(expected, found, what=f"tensors in {path}", config=config)
         check_shapes(expected, found, config)
         super().__init__(config, mappings)
-        first = mappings[0].theirs
-        self.dtype = self._where[first].entries[first].dtype
+        self.check_dtypes()
+        self.dtype = self.external_dtype(mappings[0].theirs)
 
     def read_external(self, name: str) -> np.ndarray:
         return self._where[name].read(name)
+
+    def external_dtype(self, name: str) -> np.dtype:
+        return self._where[name].entries[name].dtype
 
     def close(self) -> None:
         for file in self._files:
@@ -264,12 +267,14 @@ def _weight_files(path: Path) -> list[Path]:
 def write_hf(source: ParamSource, directory: Path, dtype: np.dtype | None, max_shard_size: int) -> None:
     """Write a Hugging Face folder into the existing `directory`, streaming tensors from `source`."""
     config = source.config
-    out_dtype = dtype if dtype is not None else source.dtype
-    if out_dtype not in SAFETENSORS_DTYPES:
-        raise ConversionError(f"cannot write dtype {out_dtype} to safetensors")
     mappings = hf_mappings(config)
-    files = _plan_files(mappings, out_dtype, max_shard_size)
-    (directory / CONFIG_FILE).write_text(json.dumps(hf_config(config, out_dtype), indent=2) + "\n")
+    dtypes = {mapping.theirs: dtype if dtype is not None else source.dtype_of(mapping.ours) for mapping in mappings}
+    for name, out_dtype in dtypes.items():
+        if out_dtype not in SAFETENSORS_DTYPES:
+            raise ConversionError(f"cannot write tensor {name} of dtype {out_dtype} to safetensors")
+    files = _plan_files(mappings, dtypes, max_shard_size)
+    main_dtype = dtype if dtype is not None else source.dtype
+    (directory / CONFIG_FILE).write_text(json.dumps(hf_config(config, main_dtype), indent=2) + "\n")
     if len(files) > 1:
         total = sum(layout.nbytes for layout in files)
         weight_map = {mapping.theirs: layout.name for layout in files for mapping in layout.mappings}
@@ -282,7 +287,7 @@ def write_hf(source: ParamSource, directory: Path, dtype: np.dtype | None, max_s
     try:
         for layout in files:
             os.pwrite(descriptors[layout.name], layout.header, 0)
-        _stream_tensors(source, mappings, out_dtype, placement, descriptors)
+        _stream_tensors(source, mappings, dtypes, placement, descriptors)
         for descriptor in descriptors.values():
             os.fsync(descriptor)
     finally:
@@ -290,7 +295,7 @@ def write_hf(source: ParamSource, directory: Path, dtype: np.dtype | None, max_s
             os.close(descriptor)
 
 
-def _stream_tensors(source: ParamSource, mappings: list[TensorMapping], out_dtype: np.dtype,
+def _stream_tensors(source: ParamSource, mappings: list[TensorMapping], dtypes: dict[str, np.dtype],
                     placement: dict[str, tuple["_FileLayout", int]], descriptors: dict[str, int]) -> None:
     """Read each of our parameters once and write every external tensor cut from it at its place in its file."""
     by_ours: dict[str, list[TensorMapping]] = {}
@@ -299,8 +304,8 @@ def _stream_tensors(source: ParamSource, mappings: list[TensorMapping], out_dtyp
     for name, group in by_ours.items():
         value = source.read(name)
         for mapping in group:
-            tensor = cast(mapping.to_theirs(value if mapping.layer is None else value[mapping.layer]), out_dtype)
-            tensor = np.ascontiguousarray(tensor)
+            tensor = mapping.to_theirs(value if mapping.layer is None else value[mapping.layer])
+            tensor = np.ascontiguousarray(cast(tensor, dtypes[mapping.theirs]))
             layout, offset = placement[mapping.theirs]
             _pwrite_all(descriptors[layout.name], tensor.reshape(-1).view(np.uint8), layout.data_start + offset)
         del value
@@ -316,12 +321,13 @@ def _pwrite_all(descriptor: int, data: np.ndarray, position: int) -> None:
 class _FileLayout:
     """One safetensors file: its tensors, their byte offsets, and the header that describes them."""
 
-    def __init__(self, mappings: list[TensorMapping], dtype: np.dtype):
+    def __init__(self, mappings: list[TensorMapping], dtypes: dict[str, np.dtype]):
         self.mappings = mappings
         self.offsets: list[int] = []
         entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for mapping in mappings:
+            dtype = dtypes[mapping.theirs]
             size = math.prod(mapping.their_shape) * dtype.itemsize
             entries[mapping.theirs] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(mapping.their_shape),
                                        "data_offsets": [offset, offset + size]}
@@ -335,18 +341,19 @@ class _FileLayout:
         self.name = SINGLE_FILE
 
 
-def _plan_files(mappings: list[TensorMapping], dtype: np.dtype, max_shard_size: int) -> list[_FileLayout]:
+def _plan_files(mappings: list[TensorMapping], dtypes: dict[str, np.dtype],
+                max_shard_size: int) -> list[_FileLayout]:
     """Tensors in order, cut into files of at most `max_shard_size` bytes (a bigger tensor gets a file alone)."""
     groups: list[list[TensorMapping]] = [[]]
     size = 0
     for mapping in mappings:
-        nbytes = math.prod(mapping.their_shape) * dtype.itemsize
+        nbytes = math.prod(mapping.their_shape) * dtypes[mapping.theirs].itemsize
         if groups[-1] and size + nbytes > max_shard_size:
             groups.append([])
             size = 0
         groups[-1].append(mapping)
         size += nbytes
-    files = [_FileLayout(group, dtype) for group in groups]
+    files = [_FileLayout(group, dtypes) for group in groups]
     if len(files) > 1:
         for i, layout in enumerate(files):
             layout.name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"

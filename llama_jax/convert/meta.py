@@ -171,12 +171,18 @@ def _release_pages(tensor: Any) -> None:
         _LIBC.madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(length), _MADV_DONTNEED)
 
 
+def numpy_dtype(torch_dtype: Any) -> np.dtype:
+    torch = _torch()
+    dtypes = {torch.float32: np.dtype(np.float32), torch.bfloat16: BFLOAT16, torch.float16: np.dtype(np.float16)}
+    if torch_dtype not in dtypes:
+        raise ConversionError(f"tensor dtype {torch_dtype} is not supported (float32, bfloat16, float16)")
+    return dtypes[torch_dtype]
+
+
 def to_numpy(tensor: Any) -> np.ndarray:
     torch = _torch()
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; reinterpret the bits as ml_dtypes' bfloat16
+    if numpy_dtype(tensor.dtype) == BFLOAT16:  # numpy has no bfloat16; reinterpret the bits as ml_dtypes' bfloat16
         return tensor.view(torch.int16).numpy().view(BFLOAT16)
-    if tensor.dtype not in (torch.float32, torch.float16):
-        raise ConversionError(f"tensor dtype {tensor.dtype} is not supported (float32, bfloat16, float16)")
     return tensor.numpy()
 
 
@@ -224,8 +230,12 @@ class MetaSource(ExternalSource):
         check_names(expected, found, what=f"tensors in {path}", config=config)
         check_shapes(expected, found, config)
         super().__init__(config, mappings)
-        self.dtype = to_numpy(self._shards[0][EMBEDDING][:1, :1]).dtype
+        self.check_dtypes()
+        self.dtype = self.external_dtype(EMBEDDING)
         self.embedding_split = self._split[EMBEDDING]
+
+    def external_dtype(self, name: str) -> np.dtype:
+        return numpy_dtype(self._shards[0][name].dtype)
 
     def _embedding_split(self, dim: int) -> int | None:
         """Llama 2 files cut the embedding's columns, Llama 3 files its rows: tell which from the shapes."""
@@ -293,7 +303,6 @@ def write_meta(source: ParamSource, directory: Path, dtype: np.dtype | None, sha
     """
     torch = _torch()
     config = source.config
-    out_dtype = dtype if dtype is not None else source.dtype
     embedding_dim = embedding_split_dim(config, embedding_split)
     _check_divisible(config, shards, embedding_dim)
     (directory / PARAMS_FILE).write_text(json.dumps(params_json(config), indent=2) + "\n")
@@ -302,10 +311,11 @@ def write_meta(source: ParamSource, directory: Path, dtype: np.dtype | None, sha
             for mapping in meta_mappings(config)]
     if config.tie_embeddings:
         plan.append((plan[0][0], SPLIT_DIMS["output"], OUTPUT))
-    torch_dtype = from_numpy(np.zeros(1, out_dtype)).dtype
+    dtypes = {name: dtype if dtype is not None else source.dtype_of(mapping.ours) for mapping, _, name in plan}
     files = [directory / f"consolidated.{rank:02d}.pth" for rank in range(shards)]
     for file in files:
-        skeleton = {name: torch.empty(_piece_shape(mapping.their_shape, axis, shards), dtype=torch_dtype)
+        skeleton = {name: torch.empty(_piece_shape(mapping.their_shape, axis, shards),
+                                      dtype=from_numpy(np.zeros(1, dtypes[name])).dtype)
                     for mapping, axis, name in plan}
         with torch.serialization.skip_data():
             torch.save(skeleton, file)
@@ -317,7 +327,8 @@ def write_meta(source: ParamSource, directory: Path, dtype: np.dtype | None, sha
             for mapping, axis, theirs in plan:
                 if mapping.ours != name:
                     continue
-                tensor = cast(mapping.to_theirs(value if mapping.layer is None else value[mapping.layer]), out_dtype)
+                tensor = cast(mapping.to_theirs(value if mapping.layer is None else value[mapping.layer]),
+                              dtypes[theirs])
                 for rank, piece in enumerate(_cut(tensor, axis, shards)):
                     records[rank].fill(theirs, piece)
             del value

@@ -143,6 +143,9 @@ class NativeSource(ParamSource):
         check_shapes(expected, found, config)
         self.dtype = np.dtype(self.metadata["embedding"].dtype)
 
+    def dtype_of(self, name: str) -> np.dtype:
+        return np.dtype(self.metadata[name].dtype)
+
     def _abstract(self, name: str, sharding: jax.sharding.Sharding | None = None) -> jax.ShapeDtypeStruct:
         meta = self.metadata[name]
         return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=sharding)
