@@ -1,15 +1,19 @@
-"""llama-jax: Llama 2 and Llama 3 in JAX / Flax NNX."""
-from llama_jax.config import ModelConfig
+"""llama-jax: Llama 2 and Llama 3 in JAX / Flax NNX.
+
+The public names are resolved on first use, so `python -m llama_jax.<module>` programs and light imports (configs,
+errors) do not pay for jax, Orbax and TensorStore until they need them.
+"""
 from llama_jax.errors import LlamaJaxError
-from llama_jax.model import Llama
 
 __all__ = ["Llama", "LlamaJaxError", "ModelConfig", "load", "save"]
 
+_LAZY = {"Llama": "llama_jax.model", "ModelConfig": "llama_jax.config", "load": "llama_jax.convert",
+         "save": "llama_jax.convert"}
+
 
 def __getattr__(name: str):
-    # load/save come from the converter, which imports Orbax and TensorStore: only when first used.
-    if name in ("load", "save"):
-        from llama_jax import convert
+    if name in _LAZY:
+        import importlib
 
-        return getattr(convert, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'llama_jax' has no attribute {name!r}")

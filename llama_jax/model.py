@@ -81,6 +81,7 @@ class Rotary(NamedTuple):
     @classmethod
     def at(cls, positions: Array, inv_freq: Array) -> "Rotary":
         angles = positions.astype(jnp.float32)[..., None] * inv_freq
+        angles = constrain(angles, ("batch", "length", None))  # else XLA may split the tables on the wrong axis
         return cls(jnp.cos(angles), jnp.sin(angles))
 
     def apply(self, x: Array) -> Array:
@@ -285,7 +286,10 @@ class Llama(nnx.Module):
             mask = AttentionMask(slots, segment_ids, cache_slots, cache_segments)
         inputs = LayerInputs(Rotary.at(positions, rope_frequencies(config)), mask, None if cache is None else start)
 
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(config.dtype)
+        # Gather from a table split over vocab only (FSDP gathers every weight before use anyway); gathering from
+        # an embed-split table forces XLA to replicate and re-split the result.
+        table = constrain(self.embedding[...], ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(config.dtype)
         x = constrain(x, ("batch", "length", "embed"))
         layer_caches = None if cache is None else (cache.keys, cache.values)
         x, layer_caches = self._run_blocks(x, inputs, layer_caches)
