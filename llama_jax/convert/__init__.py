@@ -23,7 +23,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.convert import native
 from llama_jax.convert.common import ArraySource, ParamSource, cast, parse_dtype, staged_output
 from llama_jax.errors import ConversionError
-from llama_jax.layout import model_from_params, model_params
+from llama_jax.layout import model_from_params, model_params, param_shapes
 from llama_jax.model import Llama
 
 FORMATS = ("orbax", "hf", "meta")
@@ -132,6 +132,14 @@ def convert(src: str | Path, dst: str | Path, to: str, *, dtype: str | None = No
         return _write(source, dst, to, target, shards, max_shard_size, meta_embedding_split, overwrite)
 
 
+def _lazy_params(source: ParamSource, dtype: np.dtype | None) -> dict[str, native.LazyParam]:
+    """Each parameter read (and cast) only when the Orbax writer reaches it."""
+    shapes = param_shapes(source.config)
+    return {name: native.LazyParam(shapes[name], dtype if dtype is not None else source.dtype_of(name),
+                                   lambda name=name: cast(source.read(name), dtype))
+            for name in source.names()}
+
+
 def _write(source: ParamSource, dst: str | Path, format: str, dtype: np.dtype | None, shards: int,
            max_shard_size: int, meta_embedding_split: str, overwrite: bool) -> Path:
     from llama_jax.convert import hf, meta
@@ -142,8 +150,7 @@ def _write(source: ParamSource, dst: str | Path, format: str, dtype: np.dtype | 
         raise ConversionError(f"shards={shards} applies to the Meta format only (use max_shard_size for hf)")
     with staged_output(dst, overwrite) as staging:
         if format == "orbax":
-            params = {name: cast(source.read(name), dtype) for name in source.names()}
-            native.write_native(source.config, params, staging)
+            native.write_native(source.config, _lazy_params(source, dtype), staging)
         elif format == "hf":
             hf.write_hf(source, staging, dtype, max_shard_size)
         else:

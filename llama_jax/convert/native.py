@@ -15,8 +15,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -185,17 +186,45 @@ def open_native(path: Path) -> NativeSource:
                           f"directory ({RUN_CONFIG} + {RUN_CHECKPOINTS}/<step>/{PARAMS_DIR})")
 
 
-def write_native(config: ModelConfig, params: Mapping[str, np.ndarray | jax.Array], directory: Path) -> None:
-    """Write `params` (numpy or jax arrays, any dtype) as a llama-jax checkpoint into the existing `directory`."""
+class LazyParam:
+    """A parameter that is read only when Orbax is ready to write it (shape and dtype known up front)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, load: Callable[[], np.ndarray]):
+        self.shape, self.dtype, self.load = tuple(shape), np.dtype(dtype), load
+        self.ndim, self.size = len(self.shape), math.prod(self.shape)
+
+
+class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax's numpy handler, fed one LazyParam at a time: each array exists only while it is being written.
+
+    Orbax's own handler gathers every array's write at once, so the whole model would sit in memory. Writing
+    through the same handler (same TensorStore specs, recorded as 'np.ndarray') keeps the checkpoint identical.
+    """
+
+    async def _background_serialize(self, values, infos, args=None):
+        for value, info, arg in zip(values, infos, args or [None] * len(values)):
+            array = value.load()
+            if tuple(array.shape) != value.shape or array.dtype != value.dtype:
+                raise ConversionError(f"parameter {info.name} read as {array.dtype}{list(array.shape)}, expected "
+                                      f"{value.dtype}{list(value.shape)}")
+            await super()._background_serialize([array], [info], None if arg is None else [arg])
+            del array
+
+
+def write_native(config: ModelConfig, params: Mapping[str, np.ndarray | jax.Array | LazyParam],
+                 directory: Path) -> None:
+    """Write `params` as a llama-jax checkpoint into the existing `directory`.
+
+    Values may be numpy or jax arrays (any dtype), or LazyParams, which are read and written one at a time.
+    """
     (directory / MODEL_FILE).write_text(config_to_json(config))
-    # Orbax deep-copies numpy arrays before an (asynchronous) save, doubling peak memory; this save is synchronous
-    # and nothing touches the arrays meanwhile, so write them in place. Weights hardly compress (a few percent for
-    # zstd), while compressing costs more time than the disk write on a small machine: store them raw.
-    # (jax.Arrays, e.g. a sharded model being saved, keep Orbax's own handler.)
-    options: dict[str, Any] = {}
-    if all(isinstance(value, np.ndarray) for value in params.values()):
-        options["type_handler_registry"] = ocp.type_handlers.create_type_handler_registry(
-            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
-    handler = ocp.PyTreeCheckpointHandler(use_compression=False, **options)
+    # Weights hardly compress (a few percent for zstd), while compressing costs more time than the disk write on a
+    # small machine: store them raw. Numpy arrays are written in place: Orbax otherwise deep-copies them first
+    # (to guard an asynchronous save against later changes; this save is synchronous).
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),  # Orbax's default, for sharded jax.Arrays
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (LazyParam, _StreamingNumpyHandler(deepcopy_host_arrays=False)))
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
     with contextlib.closing(ocp.Checkpointer(handler)) as checkpointer:
         checkpointer.save((directory / PARAMS_DIR).absolute(), args=ocp.args.PyTreeSave(dict(params)))
