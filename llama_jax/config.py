@@ -221,6 +221,83 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints under <run_dir>/checkpoints/ (see llama_jax/checkpoint.py); a run resumes from the newest."""
+
+    every_steps: int = 500  # 0 = only at the end, on preemption, and by every_minutes
+    every_minutes: float = 0.0  # also save when this long has passed since the last save; 0 = off
+    keep: int = 3  # the most recent checkpoints kept ...
+    keep_every: int = 0  # ... plus every step that is a multiple of this; 0 = none
+    async_save: bool = True  # training continues while the write finishes
+    fresh: bool = False  # start over even if run_dir holds checkpoints (deletes them); `--fresh` on the command line
+
+    def __post_init__(self) -> None:
+        for name in ("every_steps", "keep_every"):
+            _require(getattr(self, name) >= 0, f"checkpoint.{name}", getattr(self, name), "an integer >= 0")
+        _require(self.every_minutes >= 0, "checkpoint.every_minutes", self.every_minutes, "a number >= 0")
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Rollback on divergence (llama_jax/guard.py): a non-finite loss or gradient norm, or a loss spike held for
+    `spike_steps` consecutive steps, restores the newest checkpoint from before it and skips the batches since."""
+
+    enabled: bool = True
+    ema_decay: float = 0.99  # of the running mean and variance of the loss
+    warmup_steps: int = 50  # steps observed before spikes are judged (non-finite values always are)
+    spike_sigmas: float = 6.0  # a spike: loss > mean + max(spike_sigmas · std, spike_min_delta)
+    spike_min_delta: float = 0.25  # nats
+    spike_steps: int = 3  # consecutive spiking steps that trigger a rollback
+    skip_batches: int | None = None  # batches skipped after a rollback; None = every batch since the restored step
+    max_rollbacks: int = 3  # more than this many rollbacks within rollback_window steps ends the run with an error
+    rollback_window: int = 1000
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.ema_decay < 1.0, "guard.ema_decay", self.ema_decay, "a number in (0, 1)")
+        for name in ("warmup_steps", "max_rollbacks"):
+            _require(getattr(self, name) >= 0, f"guard.{name}", getattr(self, name), "an integer >= 0")
+        for name in ("spike_steps", "rollback_window"):
+            _require(getattr(self, name) >= 1, f"guard.{name}", getattr(self, name), "an integer >= 1")
+        _require(self.spike_sigmas > 0, "guard.spike_sigmas", self.spike_sigmas, "a positive number")
+        _require(self.spike_min_delta >= 0, "guard.spike_min_delta", self.spike_min_delta, "a number >= 0")
+        _require(self.skip_batches is None or self.skip_batches >= 0, "guard.skip_batches", self.skip_batches,
+                 "an integer >= 0 or null (every batch since the restored checkpoint)")
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    """Test-only fault injection. Steps count as in metrics.jsonl (step k = the k-th optimizer step, from 1)."""
+
+    inject_nan_at_step: int | None = None  # this step's batch gives a NaN loss, gradient and update
+    inject_nan_sticky: bool = False  # tie the NaN to the step number, not the batch: it recurs after every rollback
+    spike_at_step: int | None = None  # this step's batch gets uniformly random token ids (a loss spike) ...
+    spike_batches: int = 1  # ... and so do the batches of the steps after it, this many in all
+    save_delay_seconds: float = 0.0  # each checkpoint's write is held open this long (to kill a process mid-save)
+    step_sleep_seconds: float = 0.0  # the loop sleeps this long after each step (to signal a run at a chosen point)
+
+    def __post_init__(self) -> None:
+        for name in ("inject_nan_at_step", "spike_at_step"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"debug.{name}", value, "a step >= 1 or null")
+        _require(self.spike_batches >= 1, "debug.spike_batches", self.spike_batches, "an integer >= 1")
+        for name in ("save_delay_seconds", "step_sleep_seconds"):
+            _require(getattr(self, name) >= 0, f"debug.{name}", getattr(self, name), "a number >= 0")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Chat fine-tuning (train/sft.py): data.path is chat JSONL, one {"messages": [...]} conversation per line."""
+
+    format: str = "llama2"  # llama2: [INST] ... [/INST] between BOS/EOS; llama3: header tokens and <|eot_id|>
+    epochs: float | None = 2.0  # sets train.steps from the packed dataset size; null = use train.steps
+
+    def __post_init__(self) -> None:
+        _require(self.format in ("llama2", "llama3"), "sft.format", self.format, "llama2 or llama3")
+        _require(self.epochs is None or self.epochs > 0, "sft.epochs", self.epochs, "a positive number or null")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run_dir: str | None = None  # None = runs/<config file stem>
     seed: int = 0
@@ -233,6 +310,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    init_from: str | None = None  # fine-tuning: a checkpoint llama_jax.load reads (run dir, native, HF or Meta)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def resolve_model(spec: str | Mapping[str, Any] | ModelConfig) -> ModelConfig:

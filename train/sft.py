@@ -1,0 +1,128 @@
+"""Chat fine-tuning as Llama 2-Chat was made: `python -m train.sft CONFIG.yaml init_from=PATH data.path=chats.jsonl`.
+
+Conversations (JSONL, one `{"messages": [{"role": ..., "content": ...}, ...]}` per line) are rendered in the Llama 2
+or Llama 3 chat format (`sft.format`); the loss falls only on assistant answers (and their EOS / <|eot_id|>), never
+on system or user tokens. Several conversations are packed per sequence, and attention never crosses from one to
+another (segment ids). The run machinery — sharding, metrics, evaluation — is pretraining's (`llama_jax.loop`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import jax
+
+import llama_jax
+from llama_jax import distributed
+from llama_jax.chat import EncodedDialog, PackedSFTBatches, encode_dialog, read_conversations
+from llama_jax.config import RunConfig, load_config, to_yaml
+from llama_jax.errors import ConfigError, run_program
+from llama_jax.layout import model_params
+from llama_jax.loop import train, write_run_config
+from llama_jax.sharding import mesh_from_config, rules_from_config
+from llama_jax.tokenizer import Tokenizer, load_tokenizer
+from llama_jax.trainer import Trainer
+from train.pretrain import peak_flops
+
+USAGE = """usage: python -m train.sft CONFIG.yaml init_from=CHECKPOINT data.path=CHATS.jsonl [key=value ...]
+
+Config keys (as for train.pretrain, plus init_from and sft.*):
+"""
+COMPUTE_FIELDS = ("dtype", "remat_policy", "attention_impl", "attention_chunk")
+
+
+def main(argv: Sequence[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + to_yaml(RunConfig()), end="")
+        return 0 if argv else 2
+    config = load_config(argv[0], argv[1:])
+    distributed.initialize(config.distributed)
+    if config.init_from is None:
+        raise ConfigError("init_from is required: the checkpoint to fine-tune (a run dir, llama-jax, HF or Meta)")
+    if config.data.path is None:
+        raise ConfigError("data.path is required: chat JSONL, one {\"messages\": [...]} conversation per line")
+
+    pretrained = llama_jax.load(config.init_from)
+    tokenizer = _tokenizer(config)
+    model_config = dataclasses.replace(pretrained.config, **{name: getattr(config.model, name)
+                                                             for name in COMPUTE_FIELDS})
+    if config.train.seq_len > model_config.max_seq_len:
+        raise ConfigError(f"train.seq_len={config.train.seq_len} is larger than the model's maximum "
+                          f"(max_seq_len={model_config.max_seq_len} in {config.init_from})")
+    train_dialogs = _encode(config.data.path, tokenizer, config)
+    batches = PackedSFTBatches(train_dialogs, config.train.seq_len, config.train.batch_size, tokenizer.pad_id,
+                               config.seed)
+    steps = config.train.steps
+    if config.sft.epochs is not None:
+        steps = max(1, math.ceil(config.sft.epochs * len(batches.epoch_rows(0)) / config.train.batch_size))
+    config = dataclasses.replace(config, model=model_config, train=dataclasses.replace(config.train, steps=steps))
+    run_dir = Path(config.run_dir)
+    write_run_config(config, run_dir)
+
+    mesh = mesh_from_config(config.mesh)
+    trainer = Trainer.create(model_config, config.optimizer, steps, mesh, rules_from_config(config.sharding_rules),
+                             config.train.grad_accum)
+    pretrained_params = model_params(pretrained)
+    eval_batches = None
+    if config.data.valid_path is not None:
+        valid = PackedSFTBatches(_encode(config.data.valid_path, tokenizer, config), config.train.seq_len,
+                                 config.train.batch_size, tokenizer.pad_id, config.seed)
+        eval_batches = lambda index: place_rows(trainer, valid, index, config)  # noqa: E731
+    if jax.process_index() == 0:
+        print(f"fine-tuning {model_config.num_params():,} parameters from {config.init_from} on "
+              f"{len(train_dialogs)} conversations ({len(batches.epoch_rows(0))} packed rows per epoch) for "
+              f"{steps} steps", file=sys.stderr)
+    state = train(trainer, config, run_dir, lambda index: place_rows(trainer, batches, index, config), eval_batches,
+                  peak_flops(config, mesh.size),
+                  init_state=lambda: _state_from_pretrained(trainer, pretrained_params, config.seed))
+    if jax.process_index() == 0:
+        llama_jax.save(_trained_model(pretrained, state), run_dir / "model", format="orbax")
+        print(f"fine-tuned model written to {run_dir / 'model'}")
+    return 0
+
+
+def _tokenizer(config: RunConfig) -> Tokenizer:
+    if config.data.tokenizer is not None:
+        return load_tokenizer(config.data.tokenizer)
+    candidate = Path(config.init_from) / "tokenizer.model"
+    if not candidate.is_file():
+        raise ConfigError(f"data.tokenizer is required: no tokenizer.model in {config.init_from}")
+    return load_tokenizer(candidate)
+
+
+def _encode(path: str, tokenizer: Tokenizer, config: RunConfig) -> list[EncodedDialog]:
+    return [encode_dialog(messages, tokenizer, config.sft.format, for_generation=False)
+            for messages in read_conversations(path)]
+
+
+def place_rows(trainer: Trainer, batches: PackedSFTBatches, index: int, config: RunConfig) -> dict[str, jax.Array]:
+    """Packed batch `index` as global arrays; each process builds only its own rows."""
+    rows = batches.batch(index, process_index=jax.process_index(), process_count=jax.process_count())
+    shape = (config.train.batch_size, config.train.seq_len)
+    sharding = trainer.batch_shardings(shape)
+    local = {"inputs": rows.tokens, "targets": rows.targets, "loss_mask": rows.loss_mask,
+             "segment_ids": rows.segment_ids, "positions": rows.positions}
+    return {key: jax.make_array_from_process_local_data(sharding, value.astype("int32"), shape)
+            for key, value in local.items()}
+
+
+def _state_from_pretrained(trainer: Trainer, params: dict[str, jax.Array], seed: int):
+    """A fresh train state (step 0, new optimizer moments) holding the pretrained parameters in their shards."""
+    state = trainer.init_state(seed)
+    shardings = trainer.state_shardings()
+    params = {name: jax.device_put(value, shardings.params[name]) for name, value in params.items()}
+    opt_state = jax.jit(trainer.optimizer.init, out_shardings=shardings.opt_state)(params)
+    return state.replace(params=params, opt_state=opt_state)
+
+
+def _trained_model(pretrained: llama_jax.Llama, state) -> llama_jax.Llama:
+    from llama_jax.layout import model_from_params
+
+    return model_from_params(pretrained.config, jax.device_get(state.params))
+
+
+if __name__ == "__main__":
+    run_program(main)
