@@ -33,6 +33,8 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array  # uint32[2] raw key data (checkpoint-friendly)
     data_skip: jax.Array  # int32 scalar: batches skipped by rollbacks; the next batch index is step + data_skip
+    # The divergence guard's statistics are host values (llama_jax/guard.py), saved beside this state in every
+    # checkpoint (llama_jax/checkpoint.py), so a resumed run judges its steps exactly as an uninterrupted one.
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -100,6 +102,11 @@ class Trainer:
         """Shapes and dtypes of the state, nothing allocated (planning 7B-70B runs)."""
         return jax.eval_shape(lambda: self._init(seed))
 
+    def restore_target(self) -> TrainState:
+        """Shapes, dtypes and this mesh's shardings of the state: what a checkpoint is restored into."""
+        return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                            self.abstract_state(), self.state_shardings())
+
     def _init(self, seed: int) -> TrainState:
         params_key, rng = jax.random.split(jax.random.key(seed))
         model = Llama(self.model_config, rngs=nnx.Rngs(params=params_key))
@@ -110,12 +117,20 @@ class Trainer:
 
     # ── The step ─────────────────────────────────────────────────────────────────────────────────────────────
     def jit_step(self, batch_shape: tuple[int, int]) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-        """train_step under jax.jit: explicit in/out shardings, the state donated."""
-        state_shardings = self.state_shardings()
-        batch = self.batch_shardings(batch_shape)
-        metrics = replicated(self.mesh)
-        return self.under_rules(jax.jit(self.train_step, in_shardings=(state_shardings, batch),
-                                        out_shardings=(state_shardings, metrics), donate_argnums=0))
+        """train_step under jax.jit: explicit in/out shardings, the state donated. One per batch shape and Trainer,
+        so every run of this Trainer (a resume, a rollback, the next test) calls the same compiled program."""
+        key = ("step", tuple(batch_shape))
+        if key not in self._jitted:
+            state_shardings = self.state_shardings()
+            batch = self.batch_shardings(batch_shape)
+            metrics = replicated(self.mesh)
+            self._jitted[key] = self.under_rules(jax.jit(self.train_step, in_shardings=(state_shardings, batch),
+                                                         out_shardings=(state_shardings, metrics), donate_argnums=0))
+        return self._jitted[key]
+
+    @functools.cached_property
+    def _jitted(self) -> dict[Any, Callable]:
+        return {}
 
     def under_rules(self, jitted: Callable) -> Callable:
         """Call (and so trace) `jitted` with the mesh and rules in context, so activations get constrained."""
@@ -165,13 +180,15 @@ class Trainer:
         return x.reshape(micro, self.grad_accum, *x.shape[1:]).swapaxes(0, 1)
 
     def eval_loss(self) -> Callable[[dict[str, jax.Array], Batch], tuple[jax.Array, jax.Array]]:
-        """Jitted (params, batch) → (loss sum, token count)."""
-        graphdef = self.graphdef
+        """Jitted (params, batch) → (loss sum, token count); one per Trainer (compiled once, not per evaluation)."""
+        if "eval" not in self._jitted:
+            graphdef = self.graphdef
 
-        def evaluate(params, batch):
-            return loss_sums(params, graphdef, batch)
+            def evaluate(params, batch):
+                return loss_sums(params, graphdef, batch)
 
-        return self.under_rules(jax.jit(evaluate))
+            self._jitted["eval"] = self.under_rules(jax.jit(evaluate))
+        return self._jitted["eval"]
 
 
 def loss_sums(params: dict[str, jax.Array], graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:

@@ -1,8 +1,13 @@
-"""Pretrain a Llama: `python -m train.pretrain CONFIG.yaml [key=value ...]`.
+"""Pretrain a Llama: `python -m train.pretrain CONFIG.yaml [key=value ...] [--fresh]`.
 
 With no `data.path`, trains on the Python standard library's own sources (a tokenizer is trained on them and
 cached), so `python -m train.pretrain configs/tiny.yaml` works on a fresh machine with no downloads.
-Writes `<run_dir>/config.yaml`, `metrics.jsonl` and TensorBoard events under `tb/`.
+Writes `<run_dir>/config.yaml`, `metrics.jsonl`, TensorBoard events under `tb/` and checkpoints under
+`checkpoints/`. Run again with the same run_dir, it resumes from the newest complete checkpoint; `--fresh` (or
+`checkpoint.fresh=true`) deletes them and starts over.
+
+Exit status: 0 done · 2 error (one `error:` line) · 75 stopped by SIGTERM/SIGINT with a complete checkpoint (run
+the same command to continue) · 128 + signal when a second signal aborted it.
 """
 from __future__ import annotations
 
@@ -20,17 +25,22 @@ from llama_jax.data import unigram_entropy
 from llama_jax.sharding import mesh_from_config, rules_from_config
 from llama_jax.trainer import Trainer
 
-USAGE = """usage: python -m train.pretrain CONFIG.yaml [key=value ...]
+USAGE = """usage: python -m train.pretrain CONFIG.yaml [key=value ...] [--fresh]
+
+Resumes from <run_dir>/checkpoints if present; --fresh deletes them and starts over. Exit status 0 done,
+2 error, 75 stopped by SIGTERM/SIGINT after saving (run the same command to continue).
 
 Config keys (YAML file, then key=value overrides; `model` may be a preset name such as llama2-7b or tiny):
 """
 
 
 def main(argv: Sequence[str]) -> int:
+    fresh = "--fresh" in argv
+    argv = [arg for arg in argv if arg != "--fresh"]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE + to_yaml(RunConfig()), end="")
         return 0 if argv else 2
-    config = load_config(argv[0], argv[1:])
+    config = load_config(argv[0], [*argv[1:], *(["checkpoint.fresh=true"] if fresh else [])])
     distributed.initialize(config.distributed)
     run_dir = Path(config.run_dir)
     write_run_config(config, run_dir)
@@ -52,8 +62,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"model: {config.model.num_params():,} parameters · mesh {dict(mesh.shape)} · "
               f"{batch_size}×{seq_len} tokens per step · {data.train.num_tokens:,} training tokens",
               file=sys.stderr)
-    state = trainer.init_state(seed)
-    state = train(trainer, state, config, run_dir, train_batch, eval_batch, peak_flops(config, mesh.size))
+    train(trainer, config, run_dir, train_batch, eval_batch, peak_flops(config, mesh.size),
+          init_state=lambda: trainer.init_state(seed))
 
     if jax.process_index() == 0:
         summary = summarize(run_dir, unigram_entropy(data.valid))
