@@ -1,0 +1,179 @@
+"""Complete prompts with a model: `python -m eval.generate --model PATH --prompt TEXT [--prompt TEXT ...]`.
+
+    python -m eval.generate --model ckpt/ --prompt "The capital of France is" --max-new-tokens 32
+    python -m eval.generate --model hf-llama/ --prompts prompts.jsonl --chat-format llama3 --temperature 0.7 \\
+        --top-p 0.9 --seed 1 --json
+
+--model is any checkpoint `llama_jax.load` reads (llama-jax, Hugging Face, Meta, a run directory); the tokenizer is
+the model directory's tokenizer.model unless --tokenizer says otherwise. --prompts reads one prompt per line, or JSONL
+objects with a "prompt" key. With --chat-format each prompt is one user turn (after --system, if given) rendered in
+that chat format; "none" feeds the text as is after BOS. Prints one completion per prompt, or one JSON object per
+line with --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from llama_jax.chat import CHAT_STYLES, Message, dialog_prompt, generation_stop_ids
+from llama_jax.errors import ConfigError, DataError, TokenizerError, run_program
+
+CHAT_FORMAT_NONE = "none"
+
+
+# ── Arguments shared with eval.chat ──────────────────────────────────────────────────────────────────────────────
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory (llama-jax, Hugging Face, Meta or run)")
+    parser.add_argument("--tokenizer", help="tokenizer file or directory (default: tokenizer.model in --model)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="compute dtype (default: the checkpoint's; bfloat16 for Hugging Face and Meta)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="token limit per answer")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--system", help="system message (with a chat format)")
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from llama_jax.generate import Sampling
+
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def load_model_and_tokenizer(args: argparse.Namespace):
+    """The model and its tokenizer, checked to agree on the vocabulary."""
+    import llama_jax
+    from llama_jax.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+    except TokenizerError as error:
+        hint = "" if args.tokenizer else " (pass --tokenizer PATH)"
+        raise TokenizerError(f"{error}{hint}") from None
+    model = llama_jax.load(args.model, dtype=args.dtype)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TokenizerError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model only "
+                             f"{model.config.vocab_size}: they do not belong together")
+    return model, tokenizer
+
+
+def resolve_chat_format(requested: str, tokenizer) -> str:
+    """'auto' picks the chat format that matches the tokenizer: Llama 3's tiktoken file or Llama 2's SentencePiece."""
+    if requested != "auto":
+        return requested
+    return "llama3" if getattr(tokenizer, "kind", "") == "llama3" else "llama2"
+
+
+def stop_ids_for(tokenizer, chat_format: str) -> frozenset[int]:
+    if chat_format == CHAT_FORMAT_NONE:
+        return frozenset(tokenizer.stop_ids)
+    return frozenset(tokenizer.stop_ids) | generation_stop_ids(tokenizer, chat_format)
+
+
+def prompt_tokens(text: str, tokenizer, chat_format: str, system: str | None) -> list[int]:
+    if chat_format == CHAT_FORMAT_NONE:
+        return tokenizer.encode(text, bos=True)
+    messages = ([Message("system", system)] if system is not None else []) + [Message("user", text)]
+    return dialog_prompt(messages, tokenizer, chat_format)
+
+
+# ── Prompts ──────────────────────────────────────────────────────────────────────────────────────────────────────
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts of a file: JSONL objects with a "prompt" key if the first non-blank line is one, else one per line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read prompts ({error})") from None
+    numbered = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+    if not numbered:
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    if not numbered[0][1].lstrip().startswith("{"):
+        return [line for _, line in numbered]
+    return [_json_prompt(path, number, line) for number, line in numbered]
+
+
+def _json_prompt(path: str | Path, line_number: int, line: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise DataError(f'{path}:{line_number}: expected an object with a string "prompt"')
+    return record["prompt"]
+
+
+# ── Generation ───────────────────────────────────────────────────────────────────────────────────────────────────
+@dataclass(frozen=True)
+class Result:
+    prompt: str
+    prompt_tokens: int
+    completion: str
+    tokens: list[int]
+    finish_reason: str
+
+
+def complete(model, tokenizer, prompts: Sequence[str], *, chat_format: str, system: str | None,
+             max_new_tokens: int, sampling, seed: int, batch_size: int) -> Iterator[Result]:
+    """Completions in prompt order, `batch_size` prompts per generate call."""
+    from llama_jax.generate import generate
+
+    stop_ids = stop_ids_for(tokenizer, chat_format)
+    for start in range(0, len(prompts), batch_size):
+        texts = prompts[start:start + batch_size]
+        encoded = [prompt_tokens(text, tokenizer, chat_format, system) for text in texts]
+        # Batches draw with different seeds (seed + index of their first prompt): equal prompts in different
+        # batches are sampled independently, and a rerun with the same seed reproduces everything.
+        completions = generate(model, encoded, max_new_tokens=max_new_tokens, sampling=sampling,
+                               seed=seed + start, stop_ids=stop_ids)
+        for text, ids, completion in zip(texts, encoded, completions):
+            yield Result(text, len(ids), tokenizer.decode(completion.tokens), completion.tokens,
+                         completion.finish_reason)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise ConfigError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} is not allowed: expected at least 1")
+    if args.system is not None and args.chat_format == CHAT_FORMAT_NONE:
+        raise ConfigError("--system needs a chat format: pass --chat-format llama2 or llama3")
+    sampling = sampling_from_args(args)
+    model, tokenizer = load_model_and_tokenizer(args)
+    results = complete(model, tokenizer, prompts, chat_format=args.chat_format, system=args.system,
+                       max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                       batch_size=args.batch_size)
+    for index, result in enumerate(results):
+        if args.json:
+            print(json.dumps(result.__dict__, ensure_ascii=False), flush=True)
+        elif len(prompts) == 1:
+            print(result.completion, flush=True)
+        else:
+            print(f"=== {index + 1}: {result.prompt}\n{result.completion}", flush=True)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    parser.add_argument("--prompts", help="file of prompts: one per line, or JSONL with a \"prompt\" key")
+    parser.add_argument("--chat-format", choices=(*CHAT_STYLES, CHAT_FORMAT_NONE), default=CHAT_FORMAT_NONE,
+                        help="render each prompt as a user turn of this chat format (default: none, raw text)")
+    add_sampling_arguments(parser, max_new_tokens=128)
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
+    parser.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
+    return parser
+
+
+if __name__ == "__main__":
+    run_program(main)
