@@ -1,0 +1,503 @@
+"""Plan a pretraining run before renting the cluster: memory per device, FLOPs, step time and GPU-hours.
+
+    python scripts/plan.py CONFIG.yaml --devices N [--mesh DATA,FSDP,TENSOR] [key=value ...]
+    python scripts/plan.py configs/llama2-7b.yaml --devices 8 --mesh 1,8,1
+    python scripts/plan.py configs/llama2-70b.yaml --devices 64 --mesh 1,64,1 --accelerator a100-80gb --mfu 0.45
+
+What it does, on any machine (a laptop will do):
+1. simulates N devices (XLA's host platform with N CPU devices, set before jax is imported) and builds the mesh;
+2. compiles the real train step (`Trainer.jit_step`: forward, chunked loss, backward with remat, gradient accumulation,
+   AdamW) ahead of time from abstract shapes carrying their shardings — no parameter is ever allocated;
+3. reads the compiled program's memory analysis (per-device bytes of arguments and temporaries), counts the step's
+   matrix-multiply FLOPs in the traced program, and sets them against the model FLOPs of PaLM's MFU definition;
+4. for an accelerator (H100 SXM, A100 80GB: datasheet peak bf16 dense rates) and an assumed MFU, prints step time,
+   tokens per day and GPU-hours for a token budget, and what MFU Meta's published Llama 2 GPU-hours imply;
+5. says whether the step fits in the accelerator's memory (with headroom) and, if not, suggests the smallest
+   fsdp × tensor split that fits, then compiles that suggestion to check it (--no-verify skips this).
+
+Batch: the config's global batch (train.batch_size × train.seq_len) is split over data × fsdp and processed in
+micro-batches of --micro-batch sequences per device (gradient accumulation inside the step), so the compiled
+temporaries are those of one micro-batch while the arguments hold the whole global batch.
+
+Caveat, printed with the results: XLA:CPU's compiled memory differs from XLA:GPU's. The CPU backend has no native
+bf16 arithmetic (it upcasts and may keep float32 copies), uses all-reduce where GPUs reduce-scatter, schedules buffers
+differently and has none of the GPU's fusion- or cuDNN/NCCL-specific workspace. Parameters, optimizer state and
+gradients are exact (they follow from shapes and shardings); activations and temporaries are an estimate, usually on
+the high side.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 1024 ** 3
+MAX_VERIFIED = 3  # suggested splits compiled, in order, until one fits
+HEADROOM = 0.10  # fraction of device memory left free for the allocator's fragmentation, NCCL buffers, CUDA context
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    peak_bf16_tflops: float  # dense (no 2:4 sparsity), per device
+    memory_gib: float
+    source: str
+
+
+# Peak rates from NVIDIA's datasheets (the sparsity figures there are twice these).
+ACCELERATORS = {
+    "h100-sxm": Accelerator("H100 SXM", 989.0, 80.0,
+                            "NVIDIA H100 Tensor Core GPU datasheet: BF16 Tensor Core 1,979 TFLOP/s with sparsity "
+                            "= 989 dense; 80 GB HBM3"),
+    "a100-80gb": Accelerator("A100 80GB", 312.0, 80.0,
+                             "NVIDIA A100 Tensor Core GPU datasheet: BF16 Tensor Core 312 TFLOP/s dense "
+                             "(624 with sparsity); 80 GB HBM2e"),
+}
+
+# Llama 2 paper (Touvron et al. 2023), Table 2: pretraining GPU-hours on A100-80GB, 2.0T tokens, context 4096.
+META_LLAMA2_GPU_HOURS = {"llama2-7b": 184_320, "llama2-13b": 368_640, "llama2-70b": 1_720_320}
+META_LLAMA2_TOKENS = 2.0e12
+META_LLAMA2_SEQ_LEN = 4096
+
+
+# ── Arithmetic (no jax) ─────────────────────────────────────────────────────────────────────────────────────────
+def gpu_hours(tokens: float, flops_per_token: float, peak_tflops: float, mfu: float) -> float:
+    """Device-hours to train on `tokens` when each device delivers `mfu` of its peak in model FLOPs."""
+    return tokens * flops_per_token / (peak_tflops * 1e12 * mfu) / 3600.0
+
+
+def implied_mfu(hours: float, tokens: float, flops_per_token: float, peak_tflops: float) -> float:
+    """The MFU at which `hours` device-hours train on `tokens` (the inverse of `gpu_hours`)."""
+    return tokens * flops_per_token / (hours * 3600.0 * peak_tflops * 1e12)
+
+
+def meta_implied_mfus() -> dict[str, float]:
+    """MFU implied by the Llama 2 paper's A100 GPU-hours, with model FLOPs as PaLM defines them."""
+    from llama_jax.config import MODEL_PRESETS
+
+    peak = ACCELERATORS["a100-80gb"].peak_bf16_tflops
+    return {name: implied_mfu(hours, META_LLAMA2_TOKENS, MODEL_PRESETS[name].flops_per_token(META_LLAMA2_SEQ_LEN),
+                              peak)
+            for name, hours in META_LLAMA2_GPU_HOURS.items()}
+
+
+def preset_name(model: Any) -> str | None:
+    """The preset with this architecture (how the model computes — dtype, remat, attention — is ignored)."""
+    from llama_jax.config import MODEL_PRESETS
+
+    how = {"dtype", "remat_policy", "attention_impl", "attention_chunk"}
+    shape = {k: v for k, v in dataclasses.asdict(model).items() if k not in how}
+    for name, preset in MODEL_PRESETS.items():
+        if {k: v for k, v in dataclasses.asdict(preset).items() if k not in how} == shape:
+            return name
+    return None
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise ValueError(f"--mesh {text!r}: expected DATA,FSDP,TENSOR, e.g. 1,8,1 (one value may be -1)")
+    try:
+        return tuple(int(p) for p in parts)  # type: ignore[return-value]
+    except ValueError:
+        raise ValueError(f"--mesh {text!r}: expected three integers DATA,FSDP,TENSOR, e.g. 1,8,1") from None
+
+
+def resolve_mesh(sizes: Sequence[int], devices: int) -> tuple[int, int, int]:
+    sizes = list(sizes)
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh {sizes}: sizes must be positive, with at most one -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if devices % known:
+            raise ValueError(f"mesh {sizes}: the fixed sizes' product {known} does not divide {devices} devices")
+        sizes[sizes.index(-1)] = devices // known
+    if math.prod(sizes) != devices:
+        raise ValueError(f"mesh data×fsdp×tensor = {'×'.join(map(str, sizes))} = {math.prod(sizes)}, "
+                         f"but --devices is {devices}")
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+# ── Exact per-device state bytes for any mesh (shapes and sharding rules only) ──────────────────────────────────
+def state_bytes(model: Any, rules: Any, mesh_shape: Sequence[int]) -> dict[str, int]:
+    """Per-device bytes of float32 parameters, AdamW state (mu, nu) and gradients on a (data, fsdp, tensor) mesh."""
+    from jax.sharding import AbstractMesh
+
+    from llama_jax.layout import param_specs
+    from llama_jax.sharding import MESH_AXES, logical_to_spec
+
+    mesh = AbstractMesh(tuple(mesh_shape), MESH_AXES)
+    params = 0
+    for spec in param_specs(model).values():
+        partition = logical_to_spec(spec.logical_axes, rules, spec.shape, mesh)
+        shards = math.prod(mesh.shape[axis] for axes in partition if axes for axis in
+                           ((axes,) if isinstance(axes, str) else axes))
+        params += math.prod(spec.shape) // shards * 4
+    return {"params": params, "opt_state": 2 * params, "grads": params}
+
+
+# ── FLOPs counted in the traced step ────────────────────────────────────────────────────────────────────────────
+def matmul_flops(jaxpr: Any) -> tuple[float, bool]:
+    """Matrix-multiply FLOPs of a jaxpr (2 per multiply-add), scan bodies times their length, remat recomputation
+    included; (flops, whether a while loop of unknown trip count was counted once)."""
+    from jax.extend import core as jcore
+
+    uncertain = False
+
+    def count(jaxpr) -> float:
+        nonlocal uncertain
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+                continue
+            subs = []
+            for value in eqn.params.values():
+                for item in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(item, jcore.ClosedJaxpr):
+                        subs.append(item.jaxpr)
+                    elif isinstance(item, jcore.Jaxpr):
+                        subs.append(item)
+            if not subs:
+                continue
+            if eqn.primitive.name == "scan":
+                total += eqn.params["length"] * count(eqn.params["jaxpr"].jaxpr)
+            elif eqn.primitive.name == "cond":
+                total += max(count(sub) for sub in subs)
+            else:
+                if eqn.primitive.name == "while":
+                    uncertain = True
+                total += sum(count(sub) for sub in subs)
+        return total
+
+    return count(jaxpr), uncertain
+
+
+# ── Compiling the step for a simulated mesh ─────────────────────────────────────────────────────────────────────
+def compile_plan(config: Any, mesh_shape: tuple[int, int, int], micro_batch: int) -> dict[str, Any]:
+    """Compile the train step for `mesh_shape` from abstract shapes; memory analysis, FLOPs, timings."""
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax.sharding import activation_sharding, make_mesh, rules_from_config
+    from llama_jax.trainer import Trainer
+
+    data, fsdp, tensor = mesh_shape
+    batch, seq_len = config.train.batch_size, config.train.seq_len
+    batch_shards = data * fsdp
+    if batch % (batch_shards * micro_batch):
+        raise ValueError(f"train.batch_size={batch} cannot be split into micro-batches of {micro_batch} sequence(s) "
+                         f"on each of data×fsdp = {batch_shards} batch shards: choose --micro-batch or a batch size "
+                         f"so that batch_size is a multiple of {batch_shards * micro_batch}")
+    grad_accum = batch // (batch_shards * micro_batch)
+    rules = rules_from_config(config.sharding_rules)
+    mesh = make_mesh(data, fsdp, tensor, devices=jax.devices()[:data * fsdp * tensor])
+    trainer = Trainer.create(config.model, config.optimizer, config.train.steps, mesh, rules, grad_accum)
+
+    start = time.perf_counter()
+    shardings = trainer.state_shardings()
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract_state(),
+                         shardings)
+    keys = ("inputs", "targets", "loss_mask") + (("positions", "segment_ids") if config.train.document_masking else ())
+    batch_sharding = trainer.batch_shardings((batch, seq_len))
+    abstract_batch = {key: jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=batch_sharding) for key in keys}
+    with activation_sharding(mesh, rules):
+        traced = jax.make_jaxpr(trainer.train_step)(state, abstract_batch)
+    executed_flops, uncertain = matmul_flops(traced.jaxpr)
+    lowered = trainer.jit_step((batch, seq_len)).lower(state, abstract_batch)
+    compiled = lowered.compile()
+    compile_seconds = time.perf_counter() - start
+
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    exact = state_bytes(config.model, rules, mesh_shape)
+    state_shard_bytes = sum(_shard_bytes(leaf, sharding) for leaf, sharding in
+                            zip(jax.tree.leaves(trainer.abstract_state()), jax.tree.leaves(shardings)))
+    batch_bytes = len(keys) * (batch // batch_shards) * seq_len * 4
+    grads = exact["grads"] * (2 if grad_accum > 1 else 1)  # the accumulator and one micro-batch's gradient
+    temp = int(memory.temp_size_in_bytes)
+    peak = int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + temp)
+    return {
+        "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor}, "devices": data * fsdp * tensor,
+        "micro_batch": micro_batch, "grad_accum": grad_accum, "compile_seconds": compile_seconds,
+        "bytes": {
+            "params": exact["params"], "opt_state": state_shard_bytes - exact["params"], "batch": batch_bytes,
+            "grads": min(grads, temp), "other_temporaries": max(temp - grads, 0),
+            "compiled_arguments": int(memory.argument_size_in_bytes), "compiled_outputs":
+                int(memory.output_size_in_bytes), "compiled_aliased": int(memory.alias_size_in_bytes),
+            "compiled_temporaries": temp, "peak": peak,
+        },
+        "flops": {"executed_global": executed_flops, "executed_counted_while_once": uncertain,
+                  "xla_cost_analysis_per_device": float(cost.get("flops", float("nan")))},
+    }
+
+
+def _shard_bytes(leaf: Any, sharding: Any) -> int:
+    shape = sharding.shard_shape(leaf.shape) if leaf.shape else ()
+    return math.prod(shape) * leaf.dtype.itemsize
+
+
+# ── Fitting ─────────────────────────────────────────────────────────────────────────────────────────────────────
+def usable_bytes(accelerator: Accelerator) -> float:
+    return accelerator.memory_gib * GIB * (1.0 - HEADROOM)
+
+
+def estimate_bytes(plan: dict[str, Any], model: Any, rules: Any, mesh_shape: Sequence[int]) -> int:
+    """Per-device peak for another mesh at the same micro-batch: state and gradients exactly; the compiled
+    activations and other temporaries divided by the change in the tensor split (tensor parallelism splits heads,
+    the MLP and the vocabulary; fsdp does not shrink a device's micro-batch activations) — conservative for fsdp,
+    which also shrinks the optimizer's temporaries."""
+    base = plan["bytes"]
+    exact = state_bytes(model, rules, mesh_shape)
+    grad_accum = plan["grad_accum"] * plan["mesh"]["data"] * plan["mesh"]["fsdp"] // (mesh_shape[0] * mesh_shape[1])
+    grads = exact["grads"] * (2 if grad_accum > 1 else 1)
+    other = base["other_temporaries"] * plan["mesh"]["tensor"] / mesh_shape[2]
+    batch = base["batch"] * (plan["mesh"]["data"] * plan["mesh"]["fsdp"]) / (mesh_shape[0] * mesh_shape[1])
+    return int(exact["params"] + exact["opt_state"] + batch + grads + other)
+
+
+def suggest_splits(plan: dict[str, Any], config: Any, accelerator: Accelerator) -> list[dict[str, Any]]:
+    """Splits whose estimated peak fits, smallest fsdp × tensor group first (then the smallest tensor): on the planned
+    device count when the group divides it (data = devices / group), else on `group` devices (data = 1)."""
+    from llama_jax.sharding import rules_from_config
+
+    model, rules = config.model, rules_from_config(config.sharding_rules)
+    devices, micro, batch = plan["devices"], plan["micro_batch"], config.train.batch_size
+    tensors = [t for t in (1, 2, 4, 8) if model.n_heads % t == 0 and model.kv_heads % t == 0]
+    groups = sorted({f * t for t in tensors for f in (2 ** k for k in range(13)) if f * t <= 4096})
+    found = []
+    for group in groups:
+        for tensor in tensors:
+            if group % tensor:
+                continue
+            fsdp = group // tensor
+            data = devices // group if group <= devices and devices % group == 0 else 1
+            if batch % (data * fsdp * micro):
+                continue
+            estimate = estimate_bytes(plan, model, rules, (data, fsdp, tensor))
+            if estimate <= usable_bytes(accelerator):
+                found.append({"mesh": {"data": data, "fsdp": fsdp, "tensor": tensor}, "devices": data * group,
+                              "estimated_peak": estimate})
+    return found
+
+
+def verify(args: argparse.Namespace, suggestion: dict[str, Any]) -> dict[str, Any]:
+    """Compile the suggested mesh in a fresh process (the simulated device count is fixed at jax import)."""
+    mesh = suggestion["mesh"]
+    command = [sys.executable, str(Path(__file__).resolve()), args.config, *args.overrides,
+               "--devices", str(suggestion["devices"]), "--mesh", f"{mesh['data']},{mesh['fsdp']},{mesh['tensor']}",
+               "--micro-batch", str(args.micro_batch), "--accelerator", args.accelerator, "--no-suggest",
+               "--json", "-"] + (["--memory-gib", str(args.memory_gib)] if args.memory_gib else [])
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling the suggested mesh failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ── Report ──────────────────────────────────────────────────────────────────────────────────────────────────────
+def build_report(config: Any, plan: dict[str, Any], accelerator: Accelerator, mfu: float,
+                 token_budget: float) -> dict[str, Any]:
+    model, train = config.model, config.train
+    tokens_per_step = train.batch_size * train.seq_len
+    flops_per_token = model.flops_per_token(train.seq_len)
+    model_flops = flops_per_token * tokens_per_step
+    devices = plan["devices"]
+    step_seconds = model_flops / (devices * accelerator.peak_bf16_tflops * 1e12 * mfu)
+    tokens_per_day = tokens_per_step / step_seconds * 86400
+    name = preset_name(model)
+    report = {
+        "model": name or "custom", "parameters": model.num_params(), **plan,
+        "tokens_per_step": tokens_per_step,
+        "model_flops_per_token": flops_per_token, "model_flops_per_step": model_flops,
+        "accelerator": accelerator.name, "peak_bf16_tflops": accelerator.peak_bf16_tflops, "mfu": mfu,
+        "step_seconds": step_seconds, "tokens_per_day": tokens_per_day, "token_budget": token_budget,
+        "days": token_budget / tokens_per_day,
+        "gpu_hours": gpu_hours(token_budget, flops_per_token, accelerator.peak_bf16_tflops, mfu),
+        "gpu_hours_a100": gpu_hours(token_budget, flops_per_token, ACCELERATORS["a100-80gb"].peak_bf16_tflops, mfu),
+        "usable_bytes": usable_bytes(accelerator), "fits": plan["bytes"]["peak"] <= usable_bytes(accelerator),
+        "meta_implied_mfu": meta_implied_mfus(),
+    }
+    if name in META_LLAMA2_GPU_HOURS:
+        report["meta_gpu_hours"] = META_LLAMA2_GPU_HOURS[name]
+    return report
+
+
+def format_report(report: dict[str, Any], accelerator: Accelerator) -> str:
+    b, mesh, flops = report["bytes"], report["mesh"], report["flops"]
+    devices, usable = report["devices"], report["usable_bytes"]
+
+    def row(label: str, n: float, note: str = "") -> str:
+        return f"  {label:<38}{size(n):>11}{note}"
+
+    verdict = "fits" if report["fits"] else "DOES NOT FIT"
+    lines = [
+        f"{report['model']}: {report['parameters'] / 1e9:.2f}B parameters · mesh data={mesh['data']} "
+        f"fsdp={mesh['fsdp']} tensor={mesh['tensor']} · {devices} devices",
+        f"  batch {report['tokens_per_step'] // report['seq_len']} × {report['seq_len']} = "
+        f"{report['tokens_per_step']:,} tokens per step: micro-batches of {report['micro_batch']} sequence(s) per "
+        f"device, {report['grad_accum']} accumulation steps",
+        f"  the real train step, compiled for {devices} simulated CPU devices from abstract shapes (nothing "
+        f"allocated): {report['compile_seconds']:.0f} s",
+        "",
+        "Memory per device (state: exact, from shapes and shardings; the rest: XLA's compiled memory analysis)",
+        row("parameters (float32)", b["params"]),
+        row("optimizer state (AdamW mu, nu)", b["opt_state"]),
+        row("gradients (float32" + (", + accumulator)" if report["grad_accum"] > 1 else ")"), b["grads"]),
+        row("batch (int32 token arrays)", b["batch"]),
+        row("activations and other temporaries", b["other_temporaries"]),
+        row("peak", b["peak"], f"   {accelerator.name}: {size(accelerator.memory_gib * GIB)}, {size(usable)} usable "
+                               f"({HEADROOM:.0%} headroom) → {verdict}"),
+        f"  (compiled: arguments {size(b['compiled_arguments'])}, temporaries {size(b['compiled_temporaries'])}; "
+        "the new state is written over the donated one)",
+        "  caveat: this is XLA:CPU's buffer assignment, not XLA:GPU's: no native bf16 arithmetic (float32 copies),",
+        "  all-reduce where GPUs reduce-scatter, another schedule, no GPU workspace. State and gradients are exact;",
+        "  activations and temporaries are an estimate, usually high.",
+    ]
+    if not report["fits"] and "suggestion" in report:
+        suggestion = report["suggestion"]
+        if suggestion is None:
+            lines.append("  no fsdp × tensor split up to 4096 devices fits at this micro-batch: lower --micro-batch "
+                         "or train.seq_len")
+        else:
+            m = suggestion["mesh"]
+            lines.append(f"  smallest split that fits: fsdp={m['fsdp']} tensor={m['tensor']} (--mesh {m['data']},"
+                         f"{m['fsdp']},{m['tensor']} on {suggestion['devices']} devices): estimated peak "
+                         f"{size(suggestion['estimated_peak'])}")
+            if "verified_peak" in suggestion:
+                fits = suggestion["verified_peak"] <= usable
+                lines.append(f"  compiled to check: peak {size(suggestion['verified_peak'])} → "
+                             f"{'fits' if fits else 'does NOT fit either (no split checked fits)'}")
+    executed = flops["executed_global"]
+    lines += [
+        "",
+        "Compute per step",
+        f"  model FLOPs {report['model_flops_per_step']:.3e} ({report['model_flops_per_token']:.3e} per token: "
+        "6·N_matmul + 12·layers·dim·seq, PaLM's MFU definition)",
+        f"  matmul FLOPs executed {executed:.3e} = {executed / report['model_flops_per_step']:.2f}× model "
+        f"({executed / devices:.3e} per device), counted in the traced step:",
+        "    remat recomputation and the loss's recomputed logits add, causal attention blocks skip",
+        f"  XLA cost analysis {flops['xla_cost_analysis_per_device']:.3e} per device: counts each loop body (layer "
+        "scan, micro-batch scan) once, not a step total",
+        "",
+        f"Time on {devices} × {accelerator.name} ({accelerator.peak_bf16_tflops:g} TFLOP/s bf16 dense, datasheet) "
+        f"at {report['mfu']:.0%} MFU",
+        f"  step {report['step_seconds']:.2f} s · {report['tokens_per_step'] / report['step_seconds']:,.0f} tokens/s "
+        f"· {report['tokens_per_day'] / 1e9:.2f}B tokens/day",
+        f"  {report['token_budget'] / 1e12:g}T tokens: {report['days']:,.1f} days on {devices} devices = "
+        f"{report['gpu_hours']:,.0f} {accelerator.name} GPU-hours ({report['gpu_hours_a100']:,.0f} on A100 80GB)",
+        "",
+        "Llama 2 paper, A100-80GB GPU-hours for 2T tokens → the MFU they imply (model FLOPs at seq 4096, 312 TFLOP/s):",
+        "  " + " · ".join(f"{name}: {META_LLAMA2_GPU_HOURS[name]:,} h → {mfu:.1%}"
+                          for name, mfu in report["meta_implied_mfu"].items()),
+    ]
+    if "meta_gpu_hours" in report:
+        ours = gpu_hours(META_LLAMA2_TOKENS, _preset_fpt(report["model"]), ACCELERATORS["a100-80gb"].peak_bf16_tflops,
+                         report["mfu"])
+        lines.append(f"  {report['model']} at {report['mfu']:.0%} MFU: {ours:,.0f} A100 GPU-hours for 2T tokens of "
+                     f"{META_LLAMA2_SEQ_LEN}, {ours / report['meta_gpu_hours']:.2f}× Meta's "
+                     f"{report['meta_gpu_hours']:,}")
+    return "\n".join(lines)
+
+
+def size(n: float) -> str:
+    """Bytes in GiB (or MiB / KiB for small test models)."""
+    for unit, scale in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if n >= 0.1 * scale or unit == "KiB":
+            return f"{n / scale:.2f} {unit}"
+    raise AssertionError
+
+
+def _preset_fpt(name: str) -> float:
+    from llama_jax.config import MODEL_PRESETS
+
+    return MODEL_PRESETS[name].flops_per_token(META_LLAMA2_SEQ_LEN)
+
+
+# ── Command line ────────────────────────────────────────────────────────────────────────────────────────────────
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/plan.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="run config YAML (e.g. configs/llama2-7b.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. train.seq_len=2048)")
+    parser.add_argument("--devices", type=int, required=True, help="number of devices to simulate")
+    parser.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR (one may be -1); default: the config's mesh")
+    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per device per micro-batch (default 1)")
+    parser.add_argument("--accelerator", choices=sorted(ACCELERATORS), default="h100-sxm")
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="device memory instead of the accelerator's 80 GiB (e.g. 40 for an A100 40GB)")
+    parser.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation (default 0.40)")
+    parser.add_argument("--tokens", type=float, default=2e12, help="token budget for GPU-hours (default 2e12)")
+    parser.add_argument("--no-suggest", action="store_true", help="skip the search for a split that fits")
+    parser.add_argument("--no-verify", action="store_true", help="do not compile the suggested split to check it")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON ('-': stdout)")
+    args = parser.parse_args(argv)
+    if (args.devices < 1 or args.micro_batch < 1 or not 0 < args.mfu <= 1 or args.tokens <= 0
+            or (args.memory_gib is not None and args.memory_gib <= 0)):
+        parser.error("--devices, --micro-batch, --tokens and --memory-gib must be positive, --mfu in (0, 1]")
+    return args
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    # The simulated devices must be configured before jax is imported (directly or through llama_jax).
+    if "jax" in sys.modules:
+        raise RuntimeError("scripts/plan.py must set the simulated device count before jax is imported")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, str(REPO))
+
+    from llama_jax.config import load_config
+    from llama_jax.errors import LlamaJaxError
+
+    try:
+        config = load_config(args.config, args.overrides)
+        mesh_sizes = parse_mesh(args.mesh) if args.mesh else (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        mesh_shape = resolve_mesh(mesh_sizes, args.devices)
+    except (LlamaJaxError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    accelerator = ACCELERATORS[args.accelerator]
+    if args.memory_gib:
+        accelerator = dataclasses.replace(accelerator, memory_gib=args.memory_gib)
+    try:
+        plan = compile_plan(config, mesh_shape, args.micro_batch)
+    except (LlamaJaxError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    plan["seq_len"] = config.train.seq_len
+    report = build_report(config, plan, accelerator, args.mfu, args.tokens)
+    if not report["fits"] and not args.no_suggest:
+        report["suggestion"] = None
+        for candidate in suggest_splits(plan, config, accelerator)[:1 if args.no_verify else MAX_VERIFIED]:
+            report["suggestion"] = candidate
+            if args.no_verify:
+                break
+            candidate["verified_peak"] = verify(args, candidate)["bytes"]["peak"]
+            if candidate["verified_peak"] <= usable_bytes(accelerator):
+                break
+    if args.json != "-":
+        print(format_report(report, accelerator))
+    if args.json:
+        text = json.dumps(report, default=float)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
