@@ -225,7 +225,9 @@ def test_logits_match_transformers_from_every_format(case):
 
 def test_chain_hf_orbax_meta_orbax_hf(case):
     config, reference, hf_dir, expected, root = case
+    (hf_dir / "tokenizer.json").write_text("{}")  # tokenizer files travel with the weights
     convert.convert(hf_dir, root / "chain1", "orbax")
+    assert (root / "chain1" / "tokenizer.json").is_file() and (root / "chain1" / "generation_config.json").is_file()
     convert.convert(root / "chain1", root / "chain2", "meta", shards=2)
     convert.convert(root / "chain2", root / "chain3", "orbax")
     convert.convert(root / "chain3", root / "chain4", "hf")

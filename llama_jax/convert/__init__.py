@@ -12,6 +12,7 @@ Writes go to a temporary directory beside the destination and are renamed into p
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -129,7 +130,18 @@ def convert(src: str | Path, dst: str | Path, to: str, *, dtype: str | None = No
     """Convert the checkpoint at `src` (format detected) to format `to` at `dst`; dtype None keeps the source's."""
     target = parse_dtype(dtype)
     with open_source(src) as source:
-        return _write(source, dst, to, target, shards, max_shard_size, meta_embedding_split, overwrite)
+        return _write(source, dst, to, target, shards, max_shard_size, meta_embedding_split, overwrite,
+                      companions=_companion_files(Path(src), to))
+
+
+# Files beside the weights that a server needs too; copied when present (Meta's folder takes only its tokenizer).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_EXTRA_FILES = ("generation_config.json",)
+
+
+def _companion_files(src: Path, format: str) -> list[Path]:
+    names = ("tokenizer.model",) if format == "meta" else TOKENIZER_FILES + HF_EXTRA_FILES
+    return [src / name for name in names if (src / name).is_file()]
 
 
 def _lazy_params(source: ParamSource, dtype: np.dtype | None) -> dict[str, native.LazyParam]:
@@ -141,7 +153,7 @@ def _lazy_params(source: ParamSource, dtype: np.dtype | None) -> dict[str, nativ
 
 
 def _write(source: ParamSource, dst: str | Path, format: str, dtype: np.dtype | None, shards: int,
-           max_shard_size: int, meta_embedding_split: str, overwrite: bool) -> Path:
+           max_shard_size: int, meta_embedding_split: str, overwrite: bool, companions: list[Path] = ()) -> Path:
     from llama_jax.convert import hf, meta
 
     if format not in FORMATS:
@@ -155,4 +167,6 @@ def _write(source: ParamSource, dst: str | Path, format: str, dtype: np.dtype | 
             hf.write_hf(source, staging, dtype, max_shard_size)
         else:
             meta.write_meta(source, staging, dtype, shards, meta_embedding_split)
+        for file in companions:
+            shutil.copyfile(file, staging / file.name)
     return Path(dst)
