@@ -12,7 +12,6 @@ import os
 import zipfile
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -205,6 +204,14 @@ def test_meta_shards_have_meta_shapes(case):
             assert archive.testzip() is None
     with convert.open_source(root / "meta_shapes") as source:  # reading releases pages: a second read is the same
         assert np.array_equal(source.read("blocks.attention.w_q"), source.read("blocks.attention.w_q"))
+    # The other family's embedding layout on request; reading tells the two apart by shape.
+    other = "dim" if config is LLAMA3 else "vocab"
+    convert.convert(hf_dir, root / "meta_other", "meta", shards=2, meta_embedding_split=other)
+    assert tuple(meta_tensors(root / "meta_other")[0]["tok_embeddings.weight"].shape) == \
+        ((256, 32) if other == "dim" else (128, 64))
+    _, ours = convert.read_params(root / "meta_other")
+    _, reference_params = convert.read_params(hf_dir)
+    assert all(np.array_equal(ours[name], reference_params[name]) for name in reference_params)
     params = json.loads((root / "meta_shapes" / "params.json").read_text())
     assert params["use_scaled_rope"] == (config.rope_scaling is not None)
     assert params["rope_theta"] == config.rope_theta and params["n_kv_heads"] == config.kv_heads

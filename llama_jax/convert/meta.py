@@ -34,7 +34,7 @@ from llama_jax.config import ModelConfig, RopeScaling
 from llama_jax.convert.common import BFLOAT16, ExternalSource, ParamSource, cast, check_names, check_shapes
 from llama_jax.convert.native import config_from_mapping
 from llama_jax.errors import ConversionError
-from llama_jax.layout import META_NAMES, TensorMapping, meta_mappings
+from llama_jax.layout import META_NAMES, meta_mappings
 
 PARAMS_FILE = "params.json"
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
@@ -74,7 +74,8 @@ def embedding_split_dim(config: ModelConfig, choice: str = "auto") -> int:
     500000, or Llama 3.1's scaled rope. Everything else (Llama 2, Code Llama with theta 1e6) gets Llama 2's layout.
     """
     if choice == "auto":
-        llama3 = config.vocab_size >= 128000 or config.rope_theta == LLAMA3_ROPE_THETA or config.rope_scaling is not None
+        llama3 = (config.vocab_size >= 128000 or config.rope_theta == LLAMA3_ROPE_THETA
+                  or config.rope_scaling is not None)
         return EMBEDDING_SPLITS["vocab" if llama3 else "dim"]
     if choice not in EMBEDDING_SPLITS:
         raise ConversionError(f"meta embedding split {choice!r} is not known: expected 'auto', 'vocab' (Llama 3) "
