@@ -22,7 +22,7 @@ import numpy as np
 
 from llama_jax.config import ModelConfig
 from llama_jax.convert import native
-from llama_jax.convert.common import ArraySource, ParamSource, cast, parse_dtype, staged_output
+from llama_jax.convert.common import ArraySource, ParamSource, cast, parse_dtype, stacked_names, staged_output
 from llama_jax.errors import ConversionError
 from llama_jax.layout import model_from_params, model_params, param_shapes
 from llama_jax.model import Llama
@@ -145,10 +145,12 @@ def _companion_files(src: Path, format: str) -> list[Path]:
 
 
 def _lazy_params(source: ParamSource, dtype: np.dtype | None) -> dict[str, native.LazyParam]:
-    """Each parameter read (and cast) only when the Orbax writer reaches it."""
-    shapes = param_shapes(source.config)
+    """Each parameter read (and cast) only when the Orbax writer reaches it; stacked ones a layer at a time."""
+    shapes, stacked = param_shapes(source.config), stacked_names(source.config)
     return {name: native.LazyParam(shapes[name], dtype if dtype is not None else source.dtype_of(name),
-                                   lambda name=name: cast(source.read(name), dtype))
+                                   lambda name=name: cast(source.read(name), dtype),
+                                   (lambda layer, name=name: cast(source.read_layer(name, layer), dtype))
+                                   if name in stacked else None)
             for name in source.names()}
 
 

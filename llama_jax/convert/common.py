@@ -57,6 +57,10 @@ class ParamSource(abc.ABC):
     def read(self, name: str) -> np.ndarray:
         """One parameter, in our layout, in its stored dtype."""
 
+    def read_layer(self, name: str, layer: int) -> np.ndarray:
+        """One layer's slice of a stacked (`blocks.*`) parameter; sources override this to read only that much."""
+        return self.read(name)[layer]
+
     def dtype_of(self, name: str) -> np.dtype:
         """The stored dtype of one parameter (a checkpoint may keep, say, norms in float32 beside bfloat16)."""
         return self.dtype
@@ -87,6 +91,9 @@ class ArraySource(ParamSource):
 
     def read(self, name: str) -> np.ndarray:
         return np.asarray(self._params[name])
+
+    def read_layer(self, name: str, layer: int) -> np.ndarray:
+        return np.asarray(self._params[name][layer])
 
     def dtype_of(self, name: str) -> np.dtype:
         return np.dtype(self._params[name].dtype)
@@ -126,20 +133,30 @@ class ExternalSource(ParamSource):
                                           f"{group[0].theirs} is {first}: the layers of a weight must share a dtype")
 
     def read(self, name: str) -> np.ndarray:
-        stacked: np.ndarray | None = None
-        for mapping in self._by_ours[name]:
-            tensor = self.read_external(mapping.theirs)
-            if tuple(tensor.shape) != mapping.their_shape:
-                raise ConversionError(f"tensor {mapping.theirs} has shape {tuple(tensor.shape)}, the config needs "
-                                      f"{mapping.their_shape}")
-            value = mapping.to_ours(tensor)
-            if mapping.layer is None:
-                return value
-            if stacked is None:
-                stacked = np.empty(self._shapes[name], value.dtype)
-            stacked[mapping.layer] = value
-        assert stacked is not None
+        group = self._by_ours[name]
+        if group[0].layer is None:
+            return self._convert(group[0])
+        stacked = np.empty(self._shapes[name], self.dtype_of(name))
+        for mapping in group:
+            stacked[mapping.layer] = self._convert(mapping)
         return stacked
+
+    def read_layer(self, name: str, layer: int) -> np.ndarray:
+        mapping = self._by_ours[name][layer]
+        assert mapping.layer == layer
+        return self._convert(mapping)
+
+    def _convert(self, mapping: TensorMapping) -> np.ndarray:
+        tensor = self.read_external(mapping.theirs)
+        if tuple(tensor.shape) != mapping.their_shape:
+            raise ConversionError(f"tensor {mapping.theirs} has shape {tuple(tensor.shape)}, the config needs "
+                                  f"{mapping.their_shape}")
+        return mapping.to_ours(tensor)
+
+
+def stacked_names(config: ModelConfig) -> set[str]:
+    """Our parameters stacked along a leading layer axis (`blocks.*`): the ones converted a layer at a time."""
+    return {name for name in param_shapes(config) if name.startswith("blocks.")}
 
 
 def check_names(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], what: str,

@@ -297,18 +297,12 @@ def write_hf(source: ParamSource, directory: Path, dtype: np.dtype | None, max_s
 
 def _stream_tensors(source: ParamSource, mappings: list[TensorMapping], dtypes: dict[str, np.dtype],
                     placement: dict[str, tuple["_FileLayout", int]], descriptors: dict[str, int]) -> None:
-    """Read each of our parameters once and write every external tensor cut from it at its place in its file."""
-    by_ours: dict[str, list[TensorMapping]] = {}
+    """Read our parameters a layer at a time and write each external tensor at its place in its file."""
     for mapping in mappings:
-        by_ours.setdefault(mapping.ours, []).append(mapping)
-    for name, group in by_ours.items():
-        value = source.read(name)
-        for mapping in group:
-            tensor = mapping.to_theirs(value if mapping.layer is None else value[mapping.layer])
-            tensor = np.ascontiguousarray(cast(tensor, dtypes[mapping.theirs]))
-            layout, offset = placement[mapping.theirs]
-            _pwrite_all(descriptors[layout.name], tensor.reshape(-1).view(np.uint8), layout.data_start + offset)
-        del value
+        value = source.read(mapping.ours) if mapping.layer is None else source.read_layer(mapping.ours, mapping.layer)
+        tensor = np.ascontiguousarray(cast(mapping.to_theirs(value), dtypes[mapping.theirs]))
+        layout, offset = placement[mapping.theirs]
+        _pwrite_all(descriptors[layout.name], tensor.reshape(-1).view(np.uint8), layout.data_start + offset)
 
 
 def _pwrite_all(descriptor: int, data: np.ndarray, position: int) -> None:

@@ -300,7 +300,7 @@ def write_meta(source: ParamSource, directory: Path, dtype: np.dtype | None, sha
 
     torch.save wants every tensor of a file at once, so each file is first written as a skeleton with torch's
     `skip_data` (the zip layout, pickled tensor metadata and space for every tensor, from untouched `torch.empty`
-    tensors), and each tensor's bytes are then written into its record as our parameters are read one at a time.
+    tensors), and each tensor's bytes are then written into its record as our parameters are read, a layer at a time.
     """
     torch = _torch()
     config = source.config
@@ -323,16 +323,12 @@ def write_meta(source: ParamSource, directory: Path, dtype: np.dtype | None, sha
         del skeleton
     records = [_TorchZipRecords(file, [name for _, _, name in plan]) for file in files]
     try:
-        for name in dict.fromkeys(mapping.ours for mapping, _, _ in plan):
-            value = source.read(name)
-            for mapping, axis, theirs in plan:
-                if mapping.ours != name:
-                    continue
-                tensor = cast(mapping.to_theirs(value if mapping.layer is None else value[mapping.layer]),
-                              dtypes[theirs])
-                for rank, piece in enumerate(_cut(tensor, axis, shards)):
-                    records[rank].fill(theirs, piece)
-            del value
+        for mapping, axis, theirs in plan:
+            value = (source.read(mapping.ours) if mapping.layer is None
+                     else source.read_layer(mapping.ours, mapping.layer))
+            tensor = cast(mapping.to_theirs(value), dtypes[theirs])
+            for rank, piece in enumerate(_cut(tensor, axis, shards)):
+                records[rank].fill(theirs, piece)
         for file_records in records:
             file_records.finish()
     finally:

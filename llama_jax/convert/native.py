@@ -22,7 +22,9 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 import yaml
+from etils import epath
 
 from llama_jax.config import ModelConfig, resolve_model
 from llama_jax.convert.common import ParamSource, check_names, check_shapes
@@ -116,16 +118,21 @@ def latest_run_checkpoint(run_dir: str | Path) -> tuple[int, Path]:
                           f"{detail}")
 
 
-def _array_metadata(params_dir: Path) -> dict[str, Any]:
-    """{name: metadata with .shape and .dtype} of an Orbax flat-dict checkpoint, without reading any array."""
+def _tree_metadata(params_dir: Path) -> Any:
+    """Orbax's metadata of a checkpoint (a TreeMetadata), without reading any array."""
     if not (params_dir / "_METADATA").is_file():
         raise ConversionError(f"{params_dir} is not a complete Orbax checkpoint (no _METADATA)")
     try:
         with contextlib.closing(ocp.StandardCheckpointer()) as checkpointer:
-            tree = checkpointer.metadata(params_dir).item_metadata.tree
+            return checkpointer.metadata(params_dir).item_metadata
     except Exception as error:  # Orbax raises many kinds on a damaged checkpoint; all mean "cannot read it"
         raise ConversionError(f"{params_dir} is not a readable Orbax checkpoint: {type(error).__name__}: "
                               f"{error}") from None
+
+
+def _array_metadata(params_dir: Path, tree_metadata: Any = None) -> dict[str, Any]:
+    """{name: metadata with .shape and .dtype} of an Orbax flat-dict checkpoint, without reading any array."""
+    tree = (tree_metadata if tree_metadata is not None else _tree_metadata(params_dir)).tree
     if not isinstance(tree, dict) or any(isinstance(value, dict) for value in tree.values()):
         raise ConversionError(f"{params_dir} does not hold a flat dict of parameters by dotted name")
     return dict(tree)
@@ -137,12 +144,17 @@ class NativeSource(ParamSource):
     def __init__(self, config: ModelConfig, params_dir: Path):
         self.config = config
         self.params_dir = Path(params_dir).absolute()
-        self.metadata = _array_metadata(self.params_dir)
+        self._tree_metadata = _tree_metadata(self.params_dir)
+        self.metadata = _array_metadata(self.params_dir, self._tree_metadata)
         expected = param_shapes(config)
         found = {name: tuple(meta.shape) for name, meta in self.metadata.items()}
         check_names(expected, found, what=f"parameters in {self.params_dir}", config=config)
         check_shapes(expected, found, config)
         self.dtype = np.dtype(self.metadata["embedding"].dtype)
+        self._ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(self.params_dir))
+        self._use_zarr3 = bool(getattr(self._tree_metadata, "use_zarr3", False))
+        self._stores: dict[str, Any] = {}
+        self._ts_context: ts.Context | None = None
 
     def dtype_of(self, name: str) -> np.dtype:
         return np.dtype(self.metadata[name].dtype)
@@ -150,6 +162,19 @@ class NativeSource(ParamSource):
     def _abstract(self, name: str, sharding: jax.sharding.Sharding | None = None) -> jax.ShapeDtypeStruct:
         meta = self.metadata[name]
         return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=sharding)
+
+    def read_layer(self, name: str, layer: int) -> np.ndarray:
+        """One layer of a stacked parameter, read from its TensorStore array without restoring the rest."""
+        if name not in self._stores:
+            if self._ts_context is None:  # one context for every array, so OCDBT's caches are shared
+                self._ts_context = ocp.type_handlers.get_ts_context(use_ocdbt=self._ocdbt)
+            info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(self.params_dir),
+                                               use_zarr3=self._use_zarr3, is_ocdbt_checkpoint=self._ocdbt,
+                                               ts_context=self._ts_context)
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
+            self._stores[name] = self._guarded(
+                lambda: ts.open(ts.Spec(spec), open=True, read=True, context=self._ts_context).result())
+        return self._guarded(lambda: self._stores[name][layer].read().result())
 
     def read(self, name: str) -> np.ndarray:
         args = ocp.args.PyTreeRestore(item={name: self._abstract(name)},
@@ -187,28 +212,43 @@ def open_native(path: Path) -> NativeSource:
 
 
 class LazyParam:
-    """A parameter that is read only when Orbax is ready to write it (shape and dtype known up front)."""
+    """A parameter read only when Orbax is ready to write it; a stacked one (`load_layer`) a layer at a time."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, load: Callable[[], np.ndarray]):
-        self.shape, self.dtype, self.load = tuple(shape), np.dtype(dtype), load
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, load: Callable[[], np.ndarray],
+                 load_layer: Callable[[int], np.ndarray] | None = None):
+        self.shape, self.dtype, self.load, self.load_layer = tuple(shape), np.dtype(dtype), load, load_layer
         self.ndim, self.size = len(self.shape), math.prod(self.shape)
 
 
 class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
-    """Orbax's numpy handler, fed one LazyParam at a time: each array exists only while it is being written.
+    """Orbax's numpy handler fed LazyParams: only the array (or layer) being written exists in memory.
 
-    Orbax's own handler gathers every array's write at once, so the whole model would sit in memory. Writing
-    through the same handler (same TensorStore specs, recorded as 'np.ndarray') keeps the checkpoint identical.
+    Orbax's own handler gathers every array's write at once, so the whole model would sit in memory. This one writes
+    one parameter after another through the same TensorStore specs (recorded as 'np.ndarray', so the checkpoint
+    reads like any other), and a stacked parameter layer by layer into one chunk per layer (a write that covers whole
+    chunks needs no read-modify-write buffer).
     """
 
     async def _background_serialize(self, values, infos, args=None):
         for value, info, arg in zip(values, infos, args or [None] * len(values)):
-            array = value.load()
-            if tuple(array.shape) != value.shape or array.dtype != value.dtype:
-                raise ConversionError(f"parameter {info.name} read as {array.dtype}{list(array.shape)}, expected "
-                                      f"{value.dtype}{list(value.shape)}")
-            await super()._background_serialize([array], [info], None if arg is None else [arg])
-            del array
+            await super()._background_serialize([value], [info], None if arg is None else [arg])
+
+    async def _open_and_write(self, value, tspec, ts_context):
+        if value.load_layer is not None:
+            tspec = dict(tspec, metadata=dict(tspec["metadata"], chunks=(1, *value.shape[1:])))
+        store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+        if value.load_layer is None:
+            await store.write(self._checked(value.load(), value.shape, value.dtype))
+            return
+        for layer in range(value.shape[0]):
+            await store[layer].write(self._checked(value.load_layer(layer), value.shape[1:], value.dtype))
+
+    @staticmethod
+    def _checked(array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        if tuple(array.shape) != tuple(shape) or array.dtype != dtype:
+            raise ConversionError(f"a parameter read as {array.dtype}{list(array.shape)}, expected "
+                                  f"{dtype}{list(shape)}")
+        return array
 
 
 def write_native(config: ModelConfig, params: Mapping[str, np.ndarray | jax.Array | LazyParam],
