@@ -237,11 +237,14 @@ class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
         if value.load_layer is not None:
             tspec = dict(tspec, metadata=dict(tspec["metadata"], chunks=(1, *value.shape[1:])))
         store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+        # The arrays are fresh and never modified, so TensorStore may write from them without a copy.
         if value.load_layer is None:
-            await store.write(self._checked(value.load(), value.shape, value.dtype))
+            await store.write(self._checked(value.load(), value.shape, value.dtype),
+                              can_reference_source_data_indefinitely=True)
             return
         for layer in range(value.shape[0]):
-            await store[layer].write(self._checked(value.load_layer(layer), value.shape[1:], value.dtype))
+            await store[layer].write(self._checked(value.load_layer(layer), value.shape[1:], value.dtype),
+                                     can_reference_source_data_indefinitely=True)
 
     @staticmethod
     def _checked(array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
