@@ -1,0 +1,199 @@
+"""Scaling-law sweeps (scripts/scaling_laws.py): run planning by hand-checkable rules, a micro sweep end to end
+(plan → train → evaluate → fit, resumable), and collection + fitting on run directories whose losses follow a
+known law."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from llama_jax.config import ModelConfig, load_config
+from llama_jax.errors import ConfigError
+from scripts import scaling_laws as sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_spec(path: Path, **changes) -> Path:
+    spec = {
+        "name": "t",
+        "base": str(REPO / "configs" / "tiny.yaml"),
+        "config": {"model": {"vocab_size": 320, "dtype": "float32", "remat_policy": "none", "max_seq_len": 64},
+                   "train": {"seq_len": 32, "batch_size": 4, "log_every_steps": 2, "peak_tflops": 1},
+                   "eval": {"batches": 1}, "checkpoint": {"every_steps": 0, "keep": 1}},
+        "budgets": [2.0e8],
+        "sizes": [1.3e4, 2.7e4, 5.3e4],
+        "shape": {"aspect_ratio": 48, "head_dim": 16, "dim_multiple": 16, "multiple_of": 16},
+        "schedule": {"lr": 1e-2, "reference_dim": 32, "lr_width_exponent": 0.5, "warmup_fraction": 0.1,
+                     "min_warmup_steps": 1, "min_lr_ratio": 0.1},
+        "final_eval": {"batch_size": 8},
+    }
+    spec.update(changes)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+# ── Planning ────────────────────────────────────────────────────────────────────────────────────────────────────
+@pytest.mark.parametrize("target", [2e4, 1e5, 1e6, 3e8])
+def test_shapes_land_near_the_target_size_with_the_aspect_ratio(target):
+    base = ModelConfig(vocab_size=1024, max_seq_len=256)
+    rule = sweep.ShapeRule(aspect_ratio=64, head_dim=32, dim_multiple=16, multiple_of=32)
+    model = sweep.shape_for(target, base, rule)
+    non_embedding = model.num_params() - 2 * model.vocab_size * model.dim
+    assert sweep.counted_params(model, "non_embedding") == non_embedding
+    assert 1 / 1.5 <= non_embedding / target <= 1.5
+    assert model.dim % 16 == 0 and model.head_dim % 2 == 0 and model.vocab_size == 1024
+    assert model.ffn_hidden_dim is None and model.hidden_dim % 32 == 0  # Meta's rule: 8/3·dim rounded up
+    if target >= 1e6:  # small models are too coarse-grained in depth to hold the ratio
+        assert 32 <= model.dim / model.n_layers <= 128
+
+
+def test_plan_matches_tokens_schedule_and_job_list_to_each_budget(tmp_path):
+    spec_path = write_spec(tmp_path / "spec.yaml", budgets=[1e10, 4e10], sizes={"ladder": {"count": 3, "factor": 2}})
+    spec = sweep.load_spec(spec_path)
+    runs = sweep.write_plan(spec_path, spec, tmp_path / "sweep")
+    assert {run.budget for run in runs} == {1e10, 4e10}
+    jobs = (tmp_path / "sweep" / "jobs.txt").read_text().splitlines()
+    assert len(jobs) == len(runs) >= 4
+    for run, job in zip(runs, jobs):
+        config = load_config(run.config_path)
+        model, train, optimizer = config.model, config.train, config.optimizer
+        # Tokens are what the budget buys at this model's real FLOPs per token, in whole steps.
+        assert run.tokens == train.steps * train.batch_size * train.seq_len
+        assert run.flops == pytest.approx(model.flops_per_token(train.seq_len) * run.tokens)
+        assert abs(run.flops - run.budget) <= model.flops_per_token(train.seq_len) * train.batch_size * train.seq_len
+        # Schedule fitted to the run: lr by width, warmup 10% of its steps, cosine to 10% at its own end.
+        assert optimizer.lr == pytest.approx(1e-2 * math.sqrt(32 / model.dim), rel=1e-3)
+        assert optimizer.warmup_steps == max(1, round(0.1 * train.steps))
+        assert optimizer.min_lr_ratio == 0.1 and config.eval.every_steps == train.steps
+        assert config.run_dir == run.run_dir and model.vocab_size == 320
+        assert job == f"python -m train.pretrain {run.config_path} && python -m scripts.scaling_laws evaluate " \
+                      f"{run.run_dir}"
+    plan = json.loads((tmp_path / "sweep" / "plan.json").read_text())
+    assert [entry["name"] for entry in plan["runs"]] == [run.name for run in runs]
+
+
+def test_ladder_is_centred_on_twenty_tokens_per_parameter():
+    sizes = sweep.SizeRule(ladder_count=3, ladder_factor=4.0).targets(1.2e12)
+    assert sizes == pytest.approx([1e5 / 4, 1e5, 4e5])  # sqrt(1.2e12 / (6 · 20)) = 1e5
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"budgets": [-1]}, "budgets must be positive"),
+    ({"shape": {"aspect": 3}}, "unknown keys ['aspect']"),
+    ({"bugdets": [1e9]}, "unknown keys ['bugdets']"),
+    ({"base": "nowhere.yaml"}, "base config 'nowhere.yaml' not found"),
+])
+def test_spec_mistakes_are_named(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=None) as error:
+        sweep.load_spec(write_spec(tmp_path / "spec.yaml", **change))
+    assert message in str(error.value)
+
+
+def test_the_shipped_specs_plan(tmp_path):
+    cpu = sweep.load_spec(REPO / "configs" / "scaling" / "cpu.yaml")
+    runs, _ = sweep.plan_runs(cpu, tmp_path)
+    per_budget = {budget: [run for run in runs if run.budget == budget] for budget in cpu.budgets}
+    assert len(per_budget) >= 3 and all(len(group) >= 4 for group in per_budget.values())
+    assert all(3e4 <= run.total_params <= 3e6 for run in runs)
+    gpu = sweep.load_spec(REPO / "configs" / "scaling" / "gpu.yaml")
+    assert gpu.budgets[0] == 1e18 and gpu.target_flops == 1e21
+    model = sweep.shape_for(gpu.sizes.targets(1e19)[2], load_config(gpu.base, list(gpu.overrides)).model, gpu.shape)
+    assert model.vocab_size == 32000 and model.head_dim == 64 and 1e8 < model.num_params() < 1e9
+
+
+# ── A micro sweep end to end ────────────────────────────────────────────────────────────────────────────────────
+@pytest.fixture(scope="module")
+def micro_data(tmp_path_factory):
+    from llama_jax.tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("micro_data")
+    lines = [f"def f_{i}(x):\n    return x * {i % 7} + {i % 13}  # line {i}\n" for i in range(600)]
+    (root / "train.txt").write_text("".join(lines))
+    (root / "valid.txt").write_text("".join(lines[::5]))
+    tokenizer = train_sentencepiece([root / "train.txt"], root / "tok.model", vocab_size=300)
+    return root, tokenizer.path
+
+
+def run_sweep_program(args, tmp_path, timeout=600):
+    # One device per training process (the test session simulates 8, which only slows tiny runs down).
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    env["LLAMA_JAX_CACHE"] = str(tmp_path / "cache")
+    return subprocess.run([sys.executable, "-m", "scripts.scaling_laws", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_micro_sweep_plans_trains_collects_and_fits(tmp_path, micro_data):
+    root, tokenizer_path = micro_data
+    spec = write_spec(tmp_path / "micro.yaml")
+    config = yaml.safe_load(spec.read_text())
+    config["config"]["data"] = {"path": str(root / "train.txt"), "valid_path": str(root / "valid.txt"),
+                                "tokenizer": str(tokenizer_path)}
+    spec.write_text(yaml.safe_dump(config))
+    out = tmp_path / "sweep"
+
+    result = run_sweep_program(["all", str(spec), "--out", str(out)], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, runs = sweep.load_plan(out)
+    assert len(runs) == 3 and len({run.dim for run in runs}) == 3
+    for run in runs:
+        record = json.loads((Path(run.run_dir) / "final_eval.json").read_text())
+        assert record["step"] == run.steps >= 2 and record["bytes_exact"]
+        assert 0 < record["bits_per_byte"] < 9 and math.isfinite(record["eval_loss_metrics"])
+        # bits per byte and nats per token describe the same pass over the validation text
+        assert record["bits_per_byte"] == pytest.approx(record["nats"] / math.log(2) / record["text_bytes"])
+    report = (out / "fit" / "report.txt").read_text()
+    assert report == result.stdout[result.stdout.index("Runs (3;"):].split("plots: ")[0]
+    assert all(run.name in report for run in runs)
+    # Three runs at one budget: no power law, but the budget's own parabola is tried and the reason given.
+    assert "IsoFLOP fit: not possible" in report and "parametric fit: not possible" in report
+    assert "IsoFLOP profile at" in report
+    assert (out / "fit" / "loss_vs_flops.png").stat().st_size > 0
+    assert len((out / "fit" / "results.csv").read_text().splitlines()) == 4
+
+    again = run_sweep_program(["run", str(spec), "--out", str(out)], tmp_path)  # resumable: nothing left to do
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("complete, skipped") == 3 and "steps (N=" not in again.stdout
+
+
+# ── Collection and fitting on known losses ──────────────────────────────────────────────────────────────────────
+def test_fit_recovers_a_known_law_from_run_directories(tmp_path, capsys):
+    """Run directories whose final evaluations follow L = E + A/N^α + B/D^β: collection and both fits see it."""
+    spec_path = write_spec(tmp_path / "spec.yaml", budgets=[1e12, 4e12, 1.6e13],
+                           sizes={"ladder": {"count": 5, "factor": 2.0}},
+                           shape={"aspect_ratio": 64, "head_dim": 32, "dim_multiple": 16, "multiple_of": 32},
+                           config={"model": {"vocab_size": 256, "max_seq_len": 128},
+                                   "train": {"seq_len": 128, "batch_size": 16}},
+                           target_flops=1e14)
+    out = tmp_path / "sweep"
+    runs = sweep.write_plan(spec_path, sweep.load_spec(spec_path), out)
+    # Equal exponents put the optimum at D/N = (B/A)^(1/α) = 20, where the ladder is centred.
+    law = {"E": 0.8, "A": 100.0, "B": 100.0 * 20**0.32, "alpha": 0.32, "beta": 0.32}
+    for run in runs:
+        bpb = law["E"] + law["A"] / run.non_embedding_params ** law["alpha"] + law["B"] / run.tokens ** law["beta"]
+        Path(run.run_dir).mkdir(parents=True)
+        (Path(run.run_dir) / "final_eval.json").write_text(json.dumps(
+            {"step": run.steps, "bits_per_byte": bpb, "loss": bpb * 2.0, "eval_loss_metrics": bpb * 2.1}))
+
+    assert sweep.main(["fit", str(out), "--bootstrap", "8"]) == 0
+    printed = capsys.readouterr().out
+    report = (out / "fit" / "report.txt").read_text()
+    assert report in printed and f"Runs ({len(runs)};" in report
+    assert "Compute-optimal allocation for C = 1e+14" in report
+    alpha = float(report.split("alpha = ")[1].split()[0])
+    beta = float(report.split("beta  = ")[1].split()[0])
+    assert alpha == pytest.approx(0.32, abs=0.01) and beta == pytest.approx(0.32, abs=0.01)
+    # The IsoFLOP minima follow the same law: N_opt ∝ C^(β/(α+β)) = C^0.5, up to how the real C differs from 6ND
+    # (the head's share of the FLOPs shrinks as models grow) and to the parabola's fit of a power-law valley.
+    exponent = float(report.split("N_opt ∝ C^a: a = ")[1].split()[0])
+    assert 0.4 < exponent < 0.75
+    for name in ("loss_vs_flops", "isoflop_profiles", "compute_frontier"):
+        assert (out / "fit" / f"{name}.png").stat().st_size > 0
+    table = np.genfromtxt(out / "fit" / "results.csv", delimiter=",", names=True, dtype=None, encoding=None)
+    assert len(table) == len(runs)
