@@ -217,6 +217,20 @@ def test_meta_shards_have_meta_shapes(case):
     assert params["rope_theta"] == config.rope_theta and params["n_kv_heads"] == config.kv_heads
 
 
+@pytest.mark.parametrize("dim, hidden, multiple_of, multiplier", [
+    (4096, 11008, 256, None), (5120, 13824, 256, None),  # Llama 2 7B, 13B
+    (8192, 28672, 4096, 1.3), (4096, 14336, 1024, 1.3),  # Llama 2/3 70B, Llama 3 8B
+    (2048, 8192, 256, 1.5), (16384, 53248, 4096, 1.2),  # Llama 3.2 1B, Llama 3.1 405B
+])
+def test_params_json_of_published_sizes(dim, hidden, multiple_of, multiplier):
+    """An explicit FFN width (as Hugging Face configs give it) becomes the params.json Meta shipped."""
+    from llama_jax.convert.meta import params_json
+
+    config = ModelConfig(vocab_size=32000, dim=dim, n_layers=1, n_heads=dim // 128, ffn_hidden_dim=hidden)
+    params = params_json(config)
+    assert (params["multiple_of"], params["ffn_dim_multiplier"]) == (multiple_of, multiplier)
+
+
 # ── Logit parity ────────────────────────────────────────────────────────────────────────────────────────────────
 def test_logits_match_transformers_from_every_format(case):
     config, reference, hf_dir, expected, root = case

@@ -47,6 +47,9 @@ SPLIT_DIMS: dict[str, int | None] = {
     "blocks.mlp.w_gate": 0, "blocks.mlp.w_up": 0, "blocks.mlp.w_down": 1, "output": 0,
     "blocks.attention_norm.scale": None, "blocks.mlp_norm.scale": None, "final_norm.scale": None,
 }
+# (multiple_of, ffn_dim_multiplier) of Meta's published models, in an order that gives each its own: Llama 2 7B/13B
+# and Code Llama, Llama 3.2 1B, Llama 2/3 70B, Llama 3 8B, Llama 3.1 405B.
+PUBLISHED_FFN_RULES = [(256, None), (256, 1.5), (4096, 1.3), (1024, 1.3), (4096, 1.2)]
 EMBEDDING_SPLITS = {"vocab": 0, "dim": 1}  # Llama 3 (VocabParallelEmbedding), Llama 2 (ParallelEmbedding)
 LLAMA3_ROPE_THETA = 500000.0
 _MADV_DONTNEED = 4
@@ -121,8 +124,10 @@ def _ffn_rule(config: ModelConfig) -> tuple[int, float | None]:
         return config.multiple_of, config.ffn_dim_multiplier
     target = config.ffn_hidden_dim
     derived = int(2 * (4 * config.dim) / 3)
-    # Rounding up to multiple_of=target gives exactly target from any width in (0, target].
-    candidates = [(config.multiple_of, config.ffn_dim_multiplier), (target, None)]
+    # First the config's own, then the published models' values (so a Hugging Face Llama gets back the params.json
+    # Meta shipped), then a rule that always works: rounding up to multiple_of=target gives exactly target from any
+    # width in (0, target].
+    candidates = [(config.multiple_of, config.ffn_dim_multiplier), *PUBLISHED_FFN_RULES, (target, None)]
     if derived > target:
         candidates += [(target, target / derived), (target, (target - 0.5) / derived)]
     for multiple_of, multiplier in candidates:
