@@ -3,8 +3,8 @@
     python scripts/bench_convert.py [--dim 2048 --layers 12 --vocab 32000 --dtype float32] [--workdir DIR]
 
 Writes a random Hugging Face checkpoint (generated tensor by tensor, so the writer itself stays small), then runs each
-conversion in its own subprocess and reports its wall time and peak RSS (from wait4's rusage of that child alone),
-against the model's size on disk. A baseline child that only imports the converter shows the fixed cost of jax,
+conversion in its own subprocess and reports its wall time, CPU time and peak RSS (from wait4's rusage of that child
+alone), against the model's size on disk. On a shared machine the CPU time is the steadier figure. A baseline child that only imports the converter shows the fixed cost of jax,
 Orbax, TensorStore and torch.
 """
 from __future__ import annotations
@@ -16,7 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 CONVERSIONS = [
     ("hf → orbax", "hf", "orbax", []),
@@ -47,24 +49,41 @@ def make_checkpoint(directory: Path, dim: int, layers: int, vocab: int, dtype: s
             self._shapes = param_shapes(config)
 
         def read(self, name: str) -> np.ndarray:
-            rng = np.random.default_rng(abs(hash(name)) % 2**32)
-            return (0.02 * rng.standard_normal(self._shapes[name], dtype=np.float32)).astype(self.dtype)
+            return self._random(self._shapes[name], seed=(zlib.crc32(name.encode()),))
+
+        def read_layer(self, name: str, layer: int) -> np.ndarray:
+            return self._random(self._shapes[name][1:], seed=(zlib.crc32(name.encode()), layer))
+
+        def _random(self, shape: tuple[int, ...], seed: tuple[int, ...]) -> np.ndarray:
+            rng = np.random.default_rng(seed)
+            return (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(self.dtype)
 
     with staged_output(directory) as staging:
         hf.write_hf(RandomSource(), staging, None, max_shard_size=2 * 1000**3)
     print(f"{config.num_params() / 1e6:.0f}M parameters")
 
 
-def run_child(args: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in GB, stdout) of one child process."""
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - started
-    out, err = process.stdout.read(), process.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{err[-3000:]}")
-    return elapsed, usage.ru_maxrss / 1024**2, out  # ru_maxrss is in KiB on Linux
+class ChildRun(NamedTuple):
+    wall: float  # seconds
+    cpu: float  # user + system seconds: what the run costs, however busy the machine is
+    peak_rss: float  # GB
+    out: str
+
+
+def run_child(args: list[str]) -> ChildRun:
+    """Run `python ARGS` and measure it alone (wait4 gives the rusage of exactly that child)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        elapsed = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        out.seek(0)
+        err.seek(0)
+        if process.returncode != 0:
+            raise SystemExit(f"{' '.join(args)} failed:\n{err.read()[-3000:]}")
+        # ru_maxrss is in KiB on Linux.
+        return ChildRun(elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024**2, out.read())
 
 
 def folder_size(path: Path) -> float:
@@ -88,19 +107,26 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         script = str(Path(__file__).resolve())
-        elapsed, rss, out = run_child([script, "--make", str(workdir / "hf"), "--dim", str(args.dim), "--layers",
-                                       str(args.layers), "--vocab", str(args.vocab), "--dtype", args.dtype])
+        if (workdir / "hf").is_dir():  # a --workdir kept from an earlier run: reuse its random model
+            print(f"random model: reusing {workdir / 'hf'}")
+        else:
+            made = run_child([script, "--make", str(workdir / "hf"), "--dim", str(args.dim), "--layers",
+                              str(args.layers), "--vocab", str(args.vocab), "--dtype", args.dtype])
+            print(f"random model: {made.out.strip()}, {args.dtype} (written in {made.wall:.1f} s, peak RSS "
+                  f"{made.peak_rss:.2f} GB)")
+        for _, _, dst, _ in CONVERSIONS:
+            shutil.rmtree(workdir / dst, ignore_errors=True)
         size = folder_size(workdir / "hf")
-        print(f"random model: {out.strip()}, {args.dtype}, {size:.2f} GB of safetensors "
-              f"(written in {elapsed:.1f} s, peak RSS {rss:.2f} GB)")
-        _, baseline, _ = run_child(["-c", "import llama_jax.convert, llama_jax.convert.meta, torch"])
-        print(f"baseline (imports only): peak RSS {baseline:.2f} GB\n")
-        print("| conversion | wall time | peak RSS | peak RSS / model size |")
-        print("|---|---|---|---|")
+        print(f"model size: {size:.2f} GB of safetensors")
+        baseline = run_child(["-c", "import llama_jax.convert, llama_jax.convert.meta, torch"])
+        print(f"baseline (imports only): peak RSS {baseline.peak_rss:.2f} GB, {baseline.cpu:.1f} s CPU\n")
+        print("| conversion | wall time | CPU time (user + sys) | peak RSS | peak RSS / model size |")
+        print("|---|---|---|---|---|")
         for label, src, dst, extra in CONVERSIONS:
-            elapsed, rss, _ = run_child(["-m", "llama_jax.convert", str(workdir / src), str(workdir / dst),
-                                         "--to", TARGET_FORMAT[dst], *extra])
-            print(f"| {label} | {elapsed:.1f} s | {rss:.2f} GB | {rss / size:.2f} |", flush=True)
+            run = run_child(["-m", "llama_jax.convert", str(workdir / src), str(workdir / dst),
+                             "--to", TARGET_FORMAT[dst], *extra])
+            print(f"| {label} | {run.wall:.1f} s | {run.cpu:.1f} s | {run.peak_rss:.2f} GB | "
+                  f"{run.peak_rss / size:.2f} |", flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
