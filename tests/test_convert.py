@@ -370,6 +370,27 @@ def test_run_directory_reads_newest_complete_step(case):
     assert step.config == model.config
 
 
+def test_run_directory_written_by_orbax_checkpoint_manager(case, tmp_path):
+    """The trainer's way of writing: a CheckpointManager step with a `params` item of sharded jax.Arrays."""
+    import orbax.checkpoint as ocp
+    from llama_jax.sharding import make_mesh
+
+    config, reference, hf_dir, expected, root = case
+    model = llama_jax.load(hf_dir, dtype="float32", mesh=make_mesh(data=1, fsdp=4, tensor=2))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(model.config)}))
+    manager = ocp.CheckpointManager((tmp_path / "run" / "checkpoints").absolute(),
+                                    item_handlers={"params": ocp.StandardCheckpointHandler()})
+    for step in (3, 7):
+        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(model_params(model))))
+    manager.wait_until_finished()
+    manager.close()
+    assert native.latest_run_checkpoint(tmp_path / "run")[0] == 7
+    np.testing.assert_allclose(our_logits(llama_jax.load(tmp_path / "run")), expected, atol=1e-4, rtol=0)
+    convert.convert(tmp_path / "run", tmp_path / "hf", "hf")  # a layer at a time, from the sharded arrays' files
+    assert_same_bytes(hf_tensors(hf_dir), hf_tensors(tmp_path / "hf"))
+
+
 def test_run_directory_without_complete_checkpoint(tmp_path):
     model = model_from_params(LLAMA2, {name: np.zeros(shape, np.float32) for name, shape in
                                        param_shapes(LLAMA2).items()})
