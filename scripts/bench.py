@@ -79,7 +79,8 @@ def resolve_model(spec: BenchSpec) -> BenchSpec:
     model = dataclasses.replace(MODEL_PRESETS[preset], **changes)
     # Explicit widths, so the peer (which must not import llama_jax) needs no derivation rules.
     model = dataclasses.replace(model, n_kv_heads=model.kv_heads, ffn_hidden_dim=model.hidden_dim)
-    return dataclasses.replace(spec, model=dataclasses.asdict(model), flops_per_token=model.flops_per_token(spec.seq_len))
+    return dataclasses.replace(spec, model=dataclasses.asdict(model),
+                               flops_per_token=model.flops_per_token(spec.seq_len))
 
 
 class OurStep:
@@ -98,7 +99,9 @@ class OurStep:
         self.jax = jax
         model_config = ModelConfig(**{**spec.model, "rope_scaling": None})  # the bench presets have none
         mesh = make_mesh(devices=jax.devices()[:1])
-        trainer = trainer_module.Trainer.create(model_config, OptimizerConfig(), total_steps=1000, mesh=mesh)
+        # No warm-up, like the peer's constant learning rate, so the two losses after N steps are comparable.
+        optimizer = OptimizerConfig(warmup_steps=0)
+        trainer = trainer_module.Trainer.create(model_config, optimizer, total_steps=1000, mesh=mesh)
         shape = (spec.batch, spec.seq_len)
         self.state = trainer.init_state(SEED)
         self.batch = jax.device_put(synthetic_batch(np.random.default_rng(SEED), model_config.vocab_size, shape),
@@ -346,7 +349,8 @@ def summarise(spec: BenchSpec, results: dict[str, SideResult]) -> dict[str, Any]
         side = {"tokens_per_second": rate, "step_seconds_median": step, "step_seconds": result.step_seconds,
                 "step_seconds_min": min(result.step_seconds), "step_seconds_max": max(result.step_seconds),
                 "cpu_seconds_per_step_median": perf.median(result.step_cpu_seconds),
-                "step_cpu_seconds": result.step_cpu_seconds, "first_step_seconds": first_step, "warmup_seconds": result.warmup_seconds,
+                "step_cpu_seconds": result.step_cpu_seconds, "first_step_seconds": first_step,
+                "warmup_seconds": result.warmup_seconds,
                 "peak_rss_bytes": result.finish["peak_rss_bytes"], "loss_last": result.losses[-1],
                 "mfu_vs_xla_ceiling": perf.model_flops_utilisation(flops_per_token, rate, xla_ceiling)
                 if xla_ceiling else None,
@@ -365,6 +369,8 @@ def summarise(spec: BenchSpec, results: dict[str, SideResult]) -> dict[str, Any]
         summary["ours_over_peer"] = {
             "tokens_per_second": sides["ours"]["tokens_per_second"] / sides["peer"]["tokens_per_second"],
             "peak_rss": sides["ours"]["peak_rss_bytes"] / sides["peer"]["peak_rss_bytes"],
+            "cpu_seconds_per_step": sides["ours"]["cpu_seconds_per_step_median"]
+            / sides["peer"]["cpu_seconds_per_step_median"],
         }
     return summary
 
@@ -393,7 +399,8 @@ def format_table(summary: dict[str, Any]) -> str:
         ("loss after last step", [number(sides[r]["loss_last"], "{:.3f}") for r in roles]),
     ]
     ratios = summary.get("ours_over_peer", {})
-    ratio_column = {"tokens/s (median step)": ratios.get("tokens_per_second"), "peak RSS": ratios.get("peak_rss")}
+    ratio_column = {"tokens/s (median step)": ratios.get("tokens_per_second"), "peak RSS": ratios.get("peak_rss"),
+                    "CPU s/step (user+sys, median)": ratios.get("cpu_seconds_per_step")}
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"{spec['config']}: seq {spec['seq_len']} × batch {spec['batch']} = {spec['seq_len'] * spec['batch']:,} "
              f"tokens/step, {summary['flops_per_token'] / 1e6:.1f} MFLOP/token, dtype {spec['dtype']}, "
@@ -431,7 +438,8 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
 
 def described(spec: BenchSpec) -> BenchSpec:
     """The spec with its model resolved by a short-lived child (the parent must not import jax itself)."""
-    argv = [sys.executable, "-m", "scripts.bench", "--child", "describe", "--spec", json.dumps(dataclasses.asdict(spec))]
+    argv = [sys.executable, "-m", "scripts.bench", "--child", "describe", "--spec",
+            json.dumps(dataclasses.asdict(spec))]
     done = subprocess.run(argv, cwd=REPO_ROOT, env=child_environment(), capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"resolving the model config failed:\n{done.stderr[-3000:]}")

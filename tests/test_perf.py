@@ -85,3 +85,27 @@ def test_format_bytes():
     assert perf.format_bytes(0) == "0 B"
     assert perf.format_bytes(512) == "512 B"
     assert perf.format_bytes(3 * 1024 ** 3) == "3.0 GiB"
+
+
+def test_bench_summary_arithmetic_and_table():
+    """scripts.bench's report from made-up measurements: tokens/s from the median step, MFU, ours/peer ratios."""
+    from scripts.bench import BenchSpec, SideResult, format_table, summarise
+
+    spec = BenchSpec(config="bench-s", seq_len=1024, batch=8, dtype="bfloat16", remat="full", attention_chunk=None,
+                     attention_impl=None, loss_chunk=None, model={"attention_chunk": 512}, flops_per_token=290e6)
+    ours = SideResult(info={"trace_lower_seconds": 2.0, "compile_seconds": 8.0}, ready_seconds=20.0,
+                      warmup_seconds=[30.0], step_seconds=[8.192, 9.0, 7.0], step_cpu_seconds=[16.0, 17.0, 15.0],
+                      losses=[10.0, 9.9, 9.8], ceilings=[580e9, 500e9, 600e9],
+                      finish={"peak_rss_bytes": 3 << 30})
+    peer = SideResult(info={}, ready_seconds=5.0, warmup_seconds=[12.0], step_seconds=[4.096, 4.0, 5.0],
+                      step_cpu_seconds=[8.0, 8.0, 9.0], losses=[10.0, 9.5, 9.0], ceilings=[700e9],
+                      finish={"peak_rss_bytes": 6 << 30})
+    summary = summarise(spec, {"ours": ours, "peer": peer})
+    assert summary["sides"]["ours"]["tokens_per_second"] == pytest.approx(1000.0)  # 8192 tokens / 8.192 s
+    assert summary["sides"]["peer"]["tokens_per_second"] == pytest.approx(2000.0)
+    assert summary["sides"]["ours"]["mfu_vs_xla_ceiling"] == pytest.approx(0.5)  # 290 GFLOP/s of 580
+    assert summary["sides"]["ours"]["compile_seconds"] == 10.0
+    assert summary["ours_over_peer"] == pytest.approx({"tokens_per_second": 0.5, "peak_rss": 0.5,
+                                                       "cpu_seconds_per_step": 2.0})
+    table = format_table(summary)
+    assert "ours/peer" in table and "1,000" in table and "50.0%" in table
