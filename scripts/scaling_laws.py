@@ -125,8 +125,6 @@ class SweepSpec:
     sizes: SizeRule
     shape: ShapeRule
     schedule: ScheduleRule
-    eval_batch_size: int = 32
-    eval_batches: int | None = None  # final evaluation: None = one whole pass over the validation split
     target_flops: float | None = None
     flops_per_second: float | None = None  # for the plan's time estimate
     overhead_seconds: float = 30.0  # per run: start-up, compilation, final evaluation
@@ -149,7 +147,9 @@ def load_spec(path: str | Path) -> SweepSpec:
     budgets = tuple(sorted(float(b) for b in raw["budgets"]))
     if not budgets or any(b <= 0 for b in budgets):
         raise ConfigError(f"sweep spec {path}: budgets must be positive FLOP counts, got {raw['budgets']!r}")
-    final_eval = raw.get("final_eval") or {}
+    unknown_eval = sorted(set(raw.get("final_eval") or {}) - {"batch_size", "batches"})
+    if unknown_eval:
+        raise ConfigError(f"sweep spec {path}: unknown keys {unknown_eval} in final_eval; allowed batch_size, batches")
     estimate = raw.get("estimate") or {}
     return SweepSpec(
         name=str(raw.get("name", path.stem)),
@@ -159,8 +159,6 @@ def load_spec(path: str | Path) -> SweepSpec:
         sizes=_size_rule(raw.get("sizes"), path),
         shape=_build_rule(ShapeRule, raw.get("shape"), "shape"),
         schedule=_build_rule(ScheduleRule, raw.get("schedule"), "schedule"),
-        eval_batch_size=int(final_eval.get("batch_size", 32)),
-        eval_batches=final_eval.get("batches"),
         target_flops=float(raw["target_flops"]) if raw.get("target_flops") is not None else None,
         flops_per_second=float(estimate["flops_per_second"]) if estimate.get("flops_per_second") else None,
         overhead_seconds=float(estimate.get("overhead_seconds", 30.0)),
@@ -447,8 +445,10 @@ def _train(run: PlannedRun) -> tuple[float, int]:
     # SIGTERM stops the sweep like Ctrl-C does (JAX, once imported for an evaluation, may have claimed the signal).
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     with open(Path(run.run_dir) / "train.log", "a") as log_file:
+        # Its own session: a Ctrl-C at the terminal reaches only this runner, which passes on exactly one SIGTERM
+        # (a second signal would make the training program abort without saving).
         process = subprocess.Popen([sys.executable, "-m", "train.pretrain", run.config_path], cwd=REPO,
-                                   stdout=log_file, stderr=subprocess.STDOUT)
+                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             status = process.wait()
         except BaseException:
@@ -475,6 +475,7 @@ def evaluate_run(run_dir: Path, batch_size: int | None = None, batches: int | No
 
     # Orbax warns through absl about a metadata file the run-directory layout does not write; the read is fine.
     logging.getLogger("absl").setLevel(logging.ERROR)
+    run_dir = Path(run_dir).resolve()  # Orbax's metadata reader finds nothing under a relative path
     config = load_config(run_dir / "config.yaml")
     step, _ = latest_run_checkpoint(run_dir)
     if step != config.train.steps:
@@ -572,7 +573,10 @@ def collect(runs: Sequence[PlannedRun], evaluate_missing: bool = True, log=print
         record = _final_eval(run)
         if record is None and evaluate_missing and trained_step(run) == run.steps:
             log(f"{run.name}: evaluating the final checkpoint")
-            record = evaluate_run(Path(run.run_dir))
+            try:
+                record = evaluate_run(Path(run.run_dir))
+            except LlamaJaxError as error:
+                log(f"{run.name}: evaluation failed ({error}); left out")
         if record is None:
             log(f"{run.name}: not complete (no final checkpoint at step {run.steps}); left out")
             continue
@@ -727,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
             _fit_arguments(command)
     fit = commands.add_parser("fit", help="collect the runs' final bits per byte, fit, report and plot")
     fit.add_argument("sweep_dir", type=Path)
+    fit.add_argument("--fit-dir", type=Path, default=None, help="where the report and plots go (default SWEEP/fit)")
     _fit_arguments(fit)
     evaluate = commands.add_parser("evaluate", help="final bits per byte of one run → <run_dir>/final_eval.json")
     evaluate.add_argument("run_dir", type=Path)
@@ -764,7 +769,11 @@ def main(argv: Sequence[str]) -> int:
     if args.command == "plan":
         return 0
     started = time.monotonic()
-    failed = run_sweep(runs, log=lambda message: print(message, flush=True))
+    try:
+        failed = run_sweep(runs, log=lambda message: print(message, flush=True))
+    except KeyboardInterrupt:
+        print("stopped: the run in progress saved a checkpoint; the same command resumes the sweep", flush=True)
+        return 130
     print(f"sweep wall time {(time.monotonic() - started) / 60:.1f} min"
           + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     if args.command == "all":
@@ -777,12 +786,13 @@ def _fit_command(sweep_dir: Path, args: argparse.Namespace) -> int:
     plan, runs = load_plan(sweep_dir)
     collected = collect(runs, log=lambda message: print(message, flush=True))
     target = args.target_flops if args.target_flops is not None else plan.get("target_flops")
-    outcome = fit_sweep(collected, sweep_dir / "fit", target, metric=args.metric,
+    fit_dir = getattr(args, "fit_dir", None) or sweep_dir / "fit"
+    outcome = fit_sweep(collected, fit_dir, target, metric=args.metric,
                         params=args.params or plan.get("params_counted", "non_embedding"),
                         parametric=not args.no_parametric, n_bootstrap=args.bootstrap)
     print(outcome.report, end="")
     print("plots: " + ", ".join(str(path) for path in outcome.plots.values()))
-    print(f"report: {sweep_dir / 'fit' / 'report.txt'} · table: {sweep_dir / 'fit' / 'results.csv'}")
+    print(f"report: {fit_dir / 'report.txt'} · table: {fit_dir / 'results.csv'}")
     return 0
 
 
