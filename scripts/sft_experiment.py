@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     pretrain_dir, sft_dir = args.out / "pretrain", args.out / "sft"
     run(["train.pretrain", args.base_config, f"run_dir={pretrain_dir}", *args.pretrain])
-    tokenizer = _run_tokenizer(pretrain_dir)
+    tokenizer = pretrain_dir / "tokenizer.model"  # train.pretrain keeps its tokenizer in the run directory
     train_path, test_path, answers = make_task(args.out, args.train_size, args.test_size, args.seed)
     before = exact_match(pretrain_dir, tokenizer, test_path, answers)
     run(["train.sft", args.base_config, f"run_dir={sft_dir}", f"init_from={pretrain_dir}",
@@ -87,18 +87,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     result = {"exact_match_before": before, "exact_match_after": after, "test_prompts": len(answers)}
     print(json.dumps(result))
     return result
-
-
-def _run_tokenizer(run_dir: Path) -> Path:
-    """The tokenizer a pretraining run used: its own, or the default corpus's cached one."""
-    own = run_dir / "tokenizer.model"
-    if own.is_file():
-        return own
-    from llama_jax.config import load_config
-    from llama_jax.data import load_default_corpus
-
-    config = load_config(run_dir / "config.yaml")
-    return load_default_corpus(config.model.vocab_size)[0].path
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ the same command to continue) · 128 + signal when a second signal aborted it.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,7 @@ from llama_jax.errors import run_program
 from llama_jax.loop import global_batch, prepare_pretraining_data, train, write_run_config
 from llama_jax.data import unigram_entropy
 from llama_jax.sharding import mesh_from_config, rules_from_config
+from llama_jax.tokenizer import Tokenizer
 from llama_jax.trainer import Trainer
 
 USAGE = """usage: python -m train.pretrain CONFIG.yaml [key=value ...] [--fresh]
@@ -46,6 +48,7 @@ def main(argv: Sequence[str]) -> int:
     write_run_config(config, run_dir)
 
     data = prepare_pretraining_data(config, run_dir)
+    keep_tokenizer(data.tokenizer, run_dir)
     mesh = mesh_from_config(config.mesh)
     trainer = Trainer.create(config.model, config.optimizer, config.train.steps, mesh,
                              rules_from_config(config.sharding_rules), config.train.grad_accum)
@@ -69,6 +72,13 @@ def main(argv: Sequence[str]) -> int:
         summary = summarize(run_dir, unigram_entropy(data.valid))
         print(summary)
     return 0
+
+
+def keep_tokenizer(tokenizer: Tokenizer, run_dir: Path) -> None:
+    """Copy the tokenizer into the run directory, so eval.generate, train.sft and convert find it beside the weights."""
+    target = run_dir / "tokenizer.model"
+    if jax.process_index() == 0 and tokenizer.path is not None and not target.exists():
+        shutil.copyfile(tokenizer.path, target)
 
 
 def peak_flops(config: RunConfig, devices: int) -> float:
