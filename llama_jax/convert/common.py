@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -17,6 +18,17 @@ from llama_jax.layout import TensorMapping, param_shapes
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BFLOAT16}
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object (config.json, params.json, model.json, an index), or a ConversionError."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{path} is not a readable JSON file: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path} must hold a JSON object")
+    return raw
 
 
 def parse_dtype(dtype: str | np.dtype | None) -> np.dtype | None:

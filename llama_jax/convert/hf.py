@@ -19,7 +19,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from llama_jax.config import ModelConfig, RopeScaling
-from llama_jax.convert.common import BFLOAT16, ExternalSource, ParamSource, cast, check_names, check_shapes
+from llama_jax.convert.common import (BFLOAT16, ExternalSource, ParamSource, cast, check_names, check_shapes,
+                                     read_json_object)
 from llama_jax.convert.native import config_from_mapping
 from llama_jax.errors import ConversionError
 from llama_jax.layout import TensorMapping, hf_mappings
@@ -134,7 +135,7 @@ class HFSource(ExternalSource):
     """A Hugging Face folder, tensors read one at a time from the safetensors files."""
 
     def __init__(self, path: Path):
-        raw = _read_json(path / CONFIG_FILE)
+        raw = read_json_object(path / CONFIG_FILE)
         config = config_from_hf(raw, path / CONFIG_FILE)
         self._files = [SafetensorsFile(file) for file in _weight_files(path)]
         self._where: dict[str, SafetensorsFile] = {}
@@ -237,20 +238,10 @@ def open_hf(path: Path) -> HFSource:
     return HFSource(path)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ConversionError(f"{path} is not a readable JSON file: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConversionError(f"{path} must hold a JSON object")
-    return raw
-
-
 def _weight_files(path: Path) -> list[Path]:
     """The safetensors files: those the index names, or else model.safetensors, or else every *.safetensors."""
     if (path / INDEX_FILE).is_file():
-        weight_map = _read_json(path / INDEX_FILE).get("weight_map")
+        weight_map = read_json_object(path / INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{path / INDEX_FILE} has no weight_map")
         files = [path / name for name in sorted(set(weight_map.values()))]

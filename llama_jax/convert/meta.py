@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from llama_jax.config import ModelConfig, RopeScaling
-from llama_jax.convert.common import BFLOAT16, ExternalSource, ParamSource, cast, check_names, check_shapes
+from llama_jax.convert.common import (BFLOAT16, ExternalSource, ParamSource, cast, check_names, check_shapes,
+                                     read_json_object)
 from llama_jax.convert.native import config_from_mapping
 from llama_jax.errors import ConversionError
 from llama_jax.layout import META_NAMES, meta_mappings
@@ -209,7 +210,7 @@ class MetaSource(ExternalSource):
         if numbers != list(range(len(files))):
             raise ConversionError(f"{path}: shard files {[file.name for file in files]} are not numbered "
                                   f"consolidated.00.pth … consolidated.{len(files) - 1:02d}.pth without gaps")
-        raw = _read_params_json(path / PARAMS_FILE)
+        raw = read_json_object(path / PARAMS_FILE)
         self._shards = [_load_shard(file) for file in files]
         self._files = files
         names = list(self._shards[0])
@@ -286,16 +287,6 @@ class MetaSource(ExternalSource):
 
 def open_meta(path: Path) -> MetaSource:
     return MetaSource(path)
-
-
-def _read_params_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ConversionError(f"{path} is not a readable JSON file: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConversionError(f"{path} must hold a JSON object")
-    return raw
 
 
 # ── Writing ─────────────────────────────────────────────────────────────────────────────────────────────────────

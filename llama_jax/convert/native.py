@@ -27,7 +27,7 @@ import yaml
 from etils import epath
 
 from llama_jax.config import ModelConfig, resolve_model
-from llama_jax.convert.common import ParamSource, check_names, check_shapes
+from llama_jax.convert.common import ParamSource, check_names, check_shapes, read_json_object
 from llama_jax.errors import CheckpointError, ConversionError, LlamaJaxError
 from llama_jax.layout import param_shapes
 
@@ -65,13 +65,7 @@ def config_from_mapping(fields: Mapping[str, Any], where: Path) -> ModelConfig:
 
 
 def read_model_json(path: Path) -> ModelConfig:
-    try:
-        fields = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ConversionError(f"{path} is not a readable JSON file: {error}") from None
-    if not isinstance(fields, dict):
-        raise ConversionError(f"{path} must hold a mapping of ModelConfig fields")
-    return config_from_mapping(fields, path)
+    return config_from_mapping(read_json_object(path), path)
 
 
 def run_model_config(run_dir: Path) -> ModelConfig:
