@@ -85,13 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per side and batch, after one warm-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-bf16", action="store_true", help="also time transformers with bfloat16 weights")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="threads per side (1 makes a comparison on a busy machine fairer: each side then gets "
+                             "its share of a core instead of losing time when its threads wait for each other)")
     args = parser.parse_args(argv)
+    if args.threads == 1:  # must be set before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
 
     import copy
 
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     config, hf_model, ours_f32, ours_bf16 = build_models(args.preset, args.seed)
     sides = [Side("llama-jax f32", ours_runner(ours_f32, args.new_tokens)),
              Side("llama-jax bf16 compute", ours_runner(ours_bf16, args.new_tokens)),
@@ -119,7 +125,8 @@ def print_table(args: argparse.Namespace, config, sides: list[Side], load_before
     reference = next(side for side in sides if side.name == "transformers f32")
     print(f"decode, {args.preset} ({config.num_params() / 1e6:.1f}M params), prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens, greedy; median of {args.runs} runs after a warm-up; "
-          f"{os.cpu_count()} CPU cores, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after")
+          f"{args.threads} thread(s) per side on {os.cpu_count()} CPU cores, load average {load_before:.1f} before / "
+          f"{os.getloadavg()[0]:.1f} after")
     print(f"| {'implementation':<24} | batch | new tokens/s | s per call | tokens equal to transformers f32 |")
     print(f"|{'-' * 26}|-------|--------------|------------|----------------------------------|")
     for batch in args.batches:
