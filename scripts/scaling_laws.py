@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import yaml
 
 from llama_jax.config import ModelConfig, RunConfig, load_config, to_yaml
@@ -611,34 +612,57 @@ class FitOutcome:
 
 
 def fit_sweep(collected: Sequence[CollectedRun], out_dir: Path, target_flops: float | None, metric: str = "bpb",
-              params: str = "non_embedding", parametric: bool = True, n_bootstrap: int = 200) -> FitOutcome:
+              params: str = "non_embedding", parametric: bool = True, n_bootstrap: int = 200,
+              min_steps: int = 0) -> FitOutcome:
     """IsoFLOP and parametric fits with what the runs support; the report says what could not be fitted and why."""
     from llama_jax import scaling
 
-    results = to_results(collected, metric, params)
+    fitted_runs = [run for run in collected if run.plan.steps >= min_steps]
+    results = to_results(fitted_runs, metric, params)
     if not results:
         raise scaling.ScalingFitError("no complete runs with a finite loss to fit")
+    if target_flops is None:
+        target_flops = 10 * max(run.budget for run in results)
     notes: list[str] = []
+    if len(fitted_runs) < len(collected):
+        left_out = sorted(set(run.plan.name for run in collected) - set(run.plan.name for run in fitted_runs))
+        notes.append(f"left out of the fits (fewer than {min_steps} steps): {', '.join(left_out)}")
     isoflop = _try(lambda: scaling.fit_isoflop(results, on_bad_profile="skip"), "IsoFLOP fit", notes)
     if isoflop is None:
         notes += [line for line in _single_profiles(results) if line.removeprefix("no profile: ") not in notes[-1]]
-    fitted = None
+    fitted, degenerate = None, None
     if parametric:
         fitted = _try(lambda: scaling.fit_parametric(results, n_bootstrap=n_bootstrap), "parametric fit", notes)
     else:
         notes.append("parametric fit: not requested (--no-parametric)")
-    if target_flops is None:
-        target_flops = 10 * max(run.budget for run in results)
+    if fitted is not None and not _has_optimum(fitted, target_flops):
+        # A law whose loss does not fall with both N and D has no compute-optimal allocation to report or plot.
+        degenerate, fitted = fitted, None
+        notes.append(f"parametric fit: degenerate (alpha={degenerate.alpha:.3g}, beta={degenerate.beta:.3g}): over "
+                     "these runs the loss does not fall as a power of both N and D, so the law gives no "
+                     "compute-optimal N and D; it is shown above but left out of the allocation and the plots")
     sections = [run_table(collected, metric, params)]
     if isoflop is not None or fitted is not None:
         sections.append(scaling.format_report(isoflop, fitted, target_flops).rstrip("\n"))
+    if degenerate is not None:
+        sections.append("[degenerate] " + scaling.format_report(None, degenerate).rstrip("\n"))
     sections.append("\n".join(notes + _counting_notes(collected, params, metric)))
     report = "\n\n".join(section for section in sections if section) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = scaling.save_plots(results, isoflop, fitted, out_dir, target_flops)
     (out_dir / "report.txt").write_text(report)
     _write_results_csv(collected, out_dir / "results.csv")
+    plots = scaling.save_plots(results, isoflop, fitted, out_dir, target_flops)
     return FitOutcome(report, plots, isoflop, fitted)
+
+
+def _has_optimum(fit, flops: float) -> bool:
+    """Positive exponents and a finite compute-optimal N and D at `flops` (and where the fits were made)."""
+    from llama_jax.scaling import parametric_optimum
+
+    if not (fit.alpha > 0 and fit.beta > 0):
+        return False
+    params, tokens = parametric_optimum(fit.parameters(), np.array([fit.flops_range[0], flops]))
+    return bool(np.all(np.isfinite(params)) and np.all(np.isfinite(tokens)) and np.all(params > 0))
 
 
 def _try(fit, what: str, notes: list[str]):
@@ -749,6 +773,9 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", choices=("non_embedding", "total"), default=None,
                         help="which N to fit (default: the spec's shape.params)")
     parser.add_argument("--no-parametric", action="store_true", help="skip the parametric L(N, D) fit")
+    parser.add_argument("--min-steps", type=int, default=0,
+                        help="fit only runs of at least this many steps (shorter runs may not have left the initial "
+                             "loss plateau, where no power law holds); they stay in the run table")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the parametric fit")
 
 
@@ -789,7 +816,7 @@ def _fit_command(sweep_dir: Path, args: argparse.Namespace) -> int:
     fit_dir = getattr(args, "fit_dir", None) or sweep_dir / "fit"
     outcome = fit_sweep(collected, fit_dir, target, metric=args.metric,
                         params=args.params or plan.get("params_counted", "non_embedding"),
-                        parametric=not args.no_parametric, n_bootstrap=args.bootstrap)
+                        parametric=not args.no_parametric, n_bootstrap=args.bootstrap, min_steps=args.min_steps)
     print(outcome.report, end="")
     print("plots: " + ", ".join(str(path) for path in outcome.plots.values()))
     print(f"report: {fit_dir / 'report.txt'} · table: {fit_dir / 'results.csv'}")
