@@ -163,8 +163,8 @@ def test_micro_sweep_plans_trains_collects_and_fits(tmp_path, micro_data):
 
 
 # ── Collection and fitting on known losses ──────────────────────────────────────────────────────────────────────
-def test_fit_recovers_a_known_law_from_run_directories(tmp_path, capsys):
-    """Run directories whose final evaluations follow L = E + A/N^α + B/D^β: collection and both fits see it."""
+def synthetic_sweep(tmp_path: Path, bits_per_byte) -> tuple[Path, list]:
+    """A planned sweep whose run directories hold final evaluations from `bits_per_byte(N, D)`, without training."""
     spec_path = write_spec(tmp_path / "spec.yaml", budgets=[1e12, 4e12, 1.6e13],
                            sizes={"ladder": {"count": 5, "factor": 2.0}},
                            shape={"aspect_ratio": 64, "head_dim": 32, "dim_multiple": 16, "multiple_of": 32},
@@ -173,14 +173,20 @@ def test_fit_recovers_a_known_law_from_run_directories(tmp_path, capsys):
                            target_flops=1e14)
     out = tmp_path / "sweep"
     runs = sweep.write_plan(spec_path, sweep.load_spec(spec_path), out)
-    # Equal exponents put the optimum at D/N = (B/A)^(1/α) = 20, where the ladder is centred.
-    law = {"E": 0.8, "A": 100.0, "B": 100.0 * 20**0.32, "alpha": 0.32, "beta": 0.32}
     for run in runs:
-        bpb = law["E"] + law["A"] / run.non_embedding_params ** law["alpha"] + law["B"] / run.tokens ** law["beta"]
+        bpb = bits_per_byte(run.non_embedding_params, run.tokens)
         Path(run.run_dir).mkdir(parents=True)
         (Path(run.run_dir) / "final_eval.json").write_text(json.dumps(
             {"step": run.steps, "bits_per_byte": bpb, "loss": bpb * 2.0, "eval_loss_metrics": bpb * 2.1}))
+    return out, runs
 
+
+def test_fit_recovers_a_known_law_from_run_directories(tmp_path, capsys):
+    """Run directories whose final evaluations follow L = E + A/N^α + B/D^β: collection and both fits see it."""
+    # Equal exponents put the optimum at D/N = (B/A)^(1/α) = 20, where the ladder is centred.
+    law = {"E": 0.8, "A": 100.0, "B": 100.0 * 20**0.32, "alpha": 0.32, "beta": 0.32}
+    out, runs = synthetic_sweep(tmp_path, lambda n, d: law["E"] + law["A"] / n ** law["alpha"]
+                                + law["B"] / d ** law["beta"])
     assert sweep.main(["fit", str(out), "--bootstrap", "8"]) == 0
     printed = capsys.readouterr().out
     report = (out / "fit" / "report.txt").read_text()
@@ -197,3 +203,18 @@ def test_fit_recovers_a_known_law_from_run_directories(tmp_path, capsys):
         assert (out / "fit" / f"{name}.png").stat().st_size > 0
     table = np.genfromtxt(out / "fit" / "results.csv", delimiter=",", names=True, dtype=None, encoding=None)
     assert len(table) == len(runs)
+
+
+def test_a_law_without_an_optimum_is_reported_but_not_plotted(tmp_path):
+    """Losses that grow with N at a fixed budget (as runs stuck on the initial plateau give): the parametric fit
+    has a non-positive exponent, is shown as degenerate, and the report and plots are still written."""
+    out, runs = synthetic_sweep(tmp_path, lambda n, d: 1.0 + 0.01 * n ** 0.3 + 50.0 / d ** 0.3)
+    min_steps = min(run.steps for run in runs) + 1  # leaves the shortest run out
+    assert sweep.main(["fit", str(out), "--bootstrap", "4", "--min-steps", str(min_steps)]) == 0
+    report = (out / "fit" / "report.txt").read_text()
+    assert "parametric fit: degenerate" in report and "[degenerate] Parametric fit" in report
+    assert "IsoFLOP fit: not possible" in report  # every budget's best model is its smallest
+    short = sorted(run.name for run in runs if run.steps < min_steps)
+    assert len(short) == 1 and f"left out of the fits (fewer than {min_steps} steps): {short[0]}" in report
+    assert f"Runs ({len(runs)};" in report  # the table still lists every run
+    assert (out / "fit" / "loss_vs_flops.png").is_file()
