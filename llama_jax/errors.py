@@ -39,5 +39,9 @@ def run_program(main: Callable[[Sequence[str]], int | None], argv: Sequence[str]
         status = main(sys.argv[1:] if argv is None else argv)
     except LlamaJaxError as error:
         print(f"error: {error}", file=sys.stderr)
+        if "jax" in sys.modules:  # a multi-process run must not wait in JAX's shutdown barrier for its peers
+            from llama_jax.distributed import abort
+
+            abort(2, "a user error ended this process")
         sys.exit(2)
     sys.exit(status or 0)

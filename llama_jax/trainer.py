@@ -204,22 +204,26 @@ def chunked_cross_entropy(model: Llama, hidden: jax.Array, targets: jax.Array,
     """Cross-entropy of the output head over sequence chunks; each chunk's logits are recomputed in the backward pass.
 
     A [batch, seq, vocab] float32 logit tensor and its gradient are the largest temporaries of a Llama step (1 GiB
-    each for batch 8 × 1024 × 32000); chunking keeps them at [batch, LOSS_CHUNK, vocab].
+    each for batch 8 × 1024 × 32000); chunking keeps them at [batch, LOSS_CHUNK, vocab]. A scan (not a Python loop)
+    lets the backward pass accumulate the output head's gradient in one buffer instead of one per chunk.
     """
     length = hidden.shape[1]
     chunk = LOSS_CHUNK if length % LOSS_CHUNK == 0 else length
 
+    def by_chunk(x: jax.Array) -> jax.Array:  # [batch, seq, ...] -> [chunks, batch, chunk, ...]
+        return x.reshape(x.shape[0], length // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+
     @jax.checkpoint
-    def chunk_loss(hidden_chunk, target_chunk, weight_chunk):
+    def add_chunk(totals, pieces):
+        hidden_chunk, target_chunk, weight_chunk = pieces
         logits = model.logits(hidden_chunk)
         log_normaliser = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0]
         weight_chunk = weight_chunk.astype(jnp.float32)
-        return jnp.sum((log_normaliser - target_logit) * weight_chunk), jnp.sum(weight_chunk)
+        loss, weight = totals
+        return (loss + jnp.sum((log_normaliser - target_logit) * weight_chunk), weight + jnp.sum(weight_chunk)), None
 
-    total_loss, total_weight = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
-    for start in range(0, length, chunk):
-        piece = slice(start, start + chunk)
-        loss, weight = chunk_loss(hidden[:, piece], targets[:, piece], weights[:, piece])
-        total_loss, total_weight = total_loss + loss, total_weight + weight
+    zero = jnp.zeros((), jnp.float32)
+    (total_loss, total_weight), _ = jax.lax.scan(add_chunk, (zero, zero),
+                                                 (by_chunk(hidden), by_chunk(targets), by_chunk(weights)))
     return total_loss, total_weight
