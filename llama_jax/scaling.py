@@ -4,8 +4,9 @@ The sweep runner turns each finished run into a `RunResult` (parameters N, train
 training FLOPs C, final validation loss); this module fits them the two ways Hoffmann et al. (2022,
 "Chinchilla") did:
 
-* `fit_isoflop` (their approach 2): at each compute budget, a parabola in log N through the losses;
-  its minimum is that budget's compute-optimal N_opt, and D_opt follows from the runs' own (N, D)
+* `fit_isoflop` (their approach 2): at each compute budget, a parabola in log N through the lowest
+  loss and its neighbouring sizes (the sizes must bracket the minimum); its vertex is that budget's
+  compute-optimal N_opt, and D_opt follows from the runs' own (N, D)
   pairs. Power laws N_opt ∝ C^a and D_opt ∝ C^b are then straight lines in log-log space.
 * `fit_parametric` (their approach 3): L(N, D) = E + A/N^α + B/D^β, fitted by minimising a Huber
   loss between log L and log L̂ with L-BFGS from a grid of starting points; uncertainty by bootstrap.
@@ -28,6 +29,8 @@ from llama_jax.errors import LlamaJaxError
 # Forward + backward pass ≈ 6 FLOPs per parameter per token (Kaplan et al. 2020); the C = 6ND
 # convention under which the closed-form compute-optimal allocation below holds.
 FLOPS_PER_PARAM_PER_TOKEN = 6.0
+# An IsoFLOP parabola is fitted to the lowest loss and this many model sizes on each side of it.
+DEFAULT_NEIGHBOURS = 2
 
 
 class ScalingFitError(LlamaJaxError):
@@ -89,21 +92,34 @@ def _check_runs(runs: Sequence[RunResult], minimum: int, purpose: str) -> None:
 
 @dataclass(frozen=True, eq=False)
 class IsoFlopProfile:
-    """One compute budget's runs and the parabola loss = c2·x² + c1·x + c0 in x = ln N − centre."""
+    """One compute budget's runs and the parabola loss = c2·x² + c1·x + c0 in x = ln N − centre.
+
+    `params`, `tokens` and `losses` hold every run of the budget (ordered by N); `fitted` marks the
+    ones the parabola was fitted to (the lowest loss and its neighbours). `log_params_stderr` is the
+    standard error of ln N_opt from the parabola's own residuals (NaN when it passes exactly
+    through its points, as with three), so N_opt is uncertain by a factor exp(±stderr).
+    """
 
     budget: float
     params: np.ndarray
     tokens: np.ndarray
     losses: np.ndarray
+    fitted: np.ndarray
     log_params_centre: float
     coefficients: tuple[float, float, float]
     optimal_params: float
     optimal_tokens: float
     optimal_loss: float
+    log_params_stderr: float = math.nan
 
     def predict(self, params: np.ndarray | float) -> np.ndarray:
         """The parabola's loss at model size(s) `params`."""
         return np.polyval(self.coefficients, np.log(params) - self.log_params_centre)
+
+    @property
+    def fitted_range(self) -> tuple[float, float]:
+        """The smallest and largest N the parabola was fitted to."""
+        return float(self.params[self.fitted].min()), float(self.params[self.fitted].max())
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,6 +162,7 @@ class IsoFlopFit:
     params_law: PowerLaw
     tokens_law: PowerLaw
     skipped: tuple[str, ...] = ()
+    neighbours: int | None = DEFAULT_NEIGHBOURS
 
 
 def group_by_budget(runs: Sequence[RunResult], relative_tolerance: float = 0.05) -> list[tuple[float, list[RunResult]]]:
@@ -174,47 +191,95 @@ def _geometric_mean_flops(runs: Sequence[RunResult]) -> float:
     return float(np.exp(np.mean(np.log([run.flops for run in runs]))))
 
 
-def fit_profile(runs: Sequence[RunResult], budget: float) -> IsoFlopProfile:
-    """Least-squares parabola of loss in ln N for one budget's runs, and its minimum.
+def fit_profile(
+    runs: Sequence[RunResult], budget: float, neighbours: int | None = DEFAULT_NEIGHBOURS
+) -> IsoFlopProfile:
+    """Least-squares parabola of loss in ln N through one budget's lowest loss and its neighbours.
+
+    The sizes must bracket the minimum: the lowest loss must lie at an interior size, with a larger
+    loss at a smaller and at a larger model. The parabola is then fitted to that size and up to
+    `neighbours` sizes on each side of it (None: every size, as Hoffmann et al. did). A parabola is
+    only a local description of an IsoFLOP valley: far from the minimum the losses rise as power
+    laws (steeply on the large-model side, where runs get few steps), and fitting them all pulls the
+    vertex toward the middle of the sampled range, which biases N_opt(C) when one ladder of sizes
+    serves every budget.
 
     Raises ScalingFitError naming the budget when there are fewer than three model sizes, when the
-    parabola opens downward (no minimum), or when its minimum lies outside the sampled sizes (an
-    extrapolated minimum of a parabola is not to be trusted: the sweep must bracket the optimum).
+    lowest loss is at the smallest or largest size (no interior minimum: the sweep does not bracket
+    the optimum), when the parabola opens downward, or when its vertex lies outside the sizes it was
+    fitted to.
     """
     where = f"IsoFLOP profile at budget C={budget:.3g}"
-    if len({run.params for run in runs}) < 3:
-        raise ScalingFitError(f"{where}: needs runs at 3 or more model sizes, got {len({run.params for run in runs})}")
+    if neighbours is not None and neighbours < 1:
+        raise ScalingFitError(f"{where}: neighbours must be at least 1 (or None for every size), got {neighbours!r}")
     ordered = sorted(runs, key=lambda run: run.params)
     params = np.array([run.params for run in ordered], dtype=float)
     tokens = np.array([run.tokens for run in ordered], dtype=float)
     losses = np.array([run.loss for run in ordered], dtype=float)
+    sizes = np.unique(params)
+    if len(sizes) < 3:
+        raise ScalingFitError(f"{where}: needs runs at 3 or more model sizes, got {len(sizes)}")
+    # Repeated runs of one size (seeds) count once, at their mean loss, when locating the minimum.
+    mean_losses = np.array([losses[params == size].mean() for size in sizes])
+    lowest = int(np.argmin(mean_losses))
+    if lowest in (0, len(sizes) - 1):
+        edge, side = ("smallest", "smaller") if lowest == 0 else ("largest", "larger")
+        raise ScalingFitError(
+            f"{where}: no interior minimum: the lowest loss ({mean_losses[lowest]:.4g}) is at the {edge} sampled "
+            f"model size N={sizes[lowest]:.3g} (sampled {sizes[0]:.3g}-{sizes[-1]:.3g}), so the optimum is "
+            f"not bracketed; add {side} models at this budget"
+        )
+    if neighbours is None:
+        window = (sizes[0], sizes[-1])
+    else:
+        window = (sizes[max(0, lowest - neighbours)], sizes[min(len(sizes) - 1, lowest + neighbours)])
+    fitted = (params >= window[0]) & (params <= window[1])
+    x_all = np.log(params)
     # Centring ln N keeps the quadratic's normal equations well conditioned (ln N ≈ 15-25).
-    centre = float(np.mean(np.log(params)))
-    curvature, slope, intercept = np.polyfit(np.log(params) - centre, losses, 2)
+    centre = float(np.mean(x_all[fitted]))
+    x, y = x_all[fitted] - centre, losses[fitted]
+    design = np.stack([x**2, x, np.ones_like(x)], axis=1)
+    (curvature, slope, intercept), _, _, _ = np.linalg.lstsq(design, y, rcond=None)
     if curvature <= 0:
         raise ScalingFitError(
-            f"{where}: the fitted parabola opens downward (curvature {curvature:.3g}), so the losses have no "
-            "valley; check for diverged or under-trained runs, or sample a wider range of model sizes"
+            f"{where}: the parabola fitted to the {fitted.sum()} runs around the lowest loss opens downward "
+            f"(curvature {curvature:.3g}), so the losses there have no valley; check for diverged or noisy runs, or "
+            "sample more sizes near the minimum"
         )
     log_optimum = centre - slope / (2 * curvature)
     optimal_params = float(np.exp(log_optimum))
-    if not params[0] <= optimal_params <= params[-1]:
-        side = "smaller" if optimal_params < params[0] else "larger"
+    if not window[0] <= optimal_params <= window[1]:
         raise ScalingFitError(
-            f"{where}: the parabola's minimum N={optimal_params:.3g} lies outside the sampled model sizes "
-            f"[{params[0]:.3g}, {params[-1]:.3g}]; add {side} models at this budget"
+            f"{where}: the parabola's minimum N={optimal_params:.3g} lies outside the model sizes it was fitted to "
+            f"[{window[0]:.3g}, {window[1]:.3g}]; the losses there are not a valley (sample more sizes near the "
+            "minimum)"
         )
     return IsoFlopProfile(
         budget=float(budget),
         params=params,
         tokens=tokens,
         losses=losses,
+        fitted=fitted,
         log_params_centre=centre,
         coefficients=(float(curvature), float(slope), float(intercept)),
         optimal_params=optimal_params,
         optimal_tokens=_tokens_at(params, tokens, optimal_params),
         optimal_loss=float(intercept - slope**2 / (4 * curvature)),
+        log_params_stderr=_vertex_stderr(design, y, (curvature, slope, intercept)),
     )
+
+
+def _vertex_stderr(design: np.ndarray, losses: np.ndarray, coefficients: Sequence[float]) -> float:
+    """Standard error of the vertex x* = −c1/(2·c2) by the delta method from the least-squares covariance of
+    (c2, c1, c0); NaN without residual degrees of freedom."""
+    dof = len(losses) - 3
+    if dof <= 0:
+        return math.nan
+    curvature, slope, _ = coefficients
+    residuals = losses - design @ np.asarray(coefficients)
+    covariance = float(residuals @ residuals) / dof * np.linalg.inv(design.T @ design)
+    gradient = np.array([slope / (2 * curvature**2), -1 / (2 * curvature), 0.0])
+    return float(math.sqrt(max(gradient @ covariance @ gradient, 0.0)))
 
 
 def _tokens_at(params: np.ndarray, tokens: np.ndarray, at_params: float) -> float:
@@ -242,19 +307,21 @@ def fit_isoflop(
     results: Sequence[RunResult],
     on_bad_profile: Literal["raise", "skip"] = "raise",
     relative_tolerance: float = 0.05,
+    neighbours: int | None = DEFAULT_NEIGHBOURS,
 ) -> IsoFlopFit:
     """IsoFLOP analysis: a parabola per compute budget, then N_opt ∝ C^a and D_opt ∝ C^b.
 
-    Budgets come from `group_by_budget`. A budget whose profile has no interior minimum raises
-    ScalingFitError, or with on_bad_profile="skip" is left out and listed in `IsoFlopFit.skipped`.
-    Needs at least two usable budgets; exponent uncertainties need three.
+    Budgets come from `group_by_budget`; each budget's parabola is fitted by `fit_profile` to its
+    lowest loss and `neighbours` sizes either side (None: all). A budget whose profile has no
+    interior minimum raises ScalingFitError, or with on_bad_profile="skip" is left out and listed in
+    `IsoFlopFit.skipped`. Needs at least two usable budgets; exponent uncertainties need three.
     """
     _check_runs(results, 6, "an IsoFLOP fit")
     profiles: list[IsoFlopProfile] = []
     skipped: list[str] = []
     for budget, runs in group_by_budget(results, relative_tolerance):
         try:
-            profiles.append(fit_profile(runs, budget))
+            profiles.append(fit_profile(runs, budget, neighbours))
         except ScalingFitError as error:
             if on_bad_profile == "raise":
                 raise
@@ -270,6 +337,7 @@ def fit_isoflop(
         params_law=fit_power_law(budgets, np.array([profile.optimal_params for profile in profiles])),
         tokens_law=fit_power_law(budgets, np.array([profile.optimal_tokens for profile in profiles])),
         skipped=tuple(skipped),
+        neighbours=neighbours,
     )
 
 
@@ -599,18 +667,27 @@ def _plus_minus(value: float, stderr: float, digits: int = 3) -> str:
 
 
 def _isoflop_lines(fit: IsoFlopFit) -> list[str]:
-    lines = ["IsoFLOP profiles (Chinchilla approach 2: parabola in ln N per budget)",
-             f"  {'budget C':>10}  {'runs':>4}  {'N_opt':>10}  {'D_opt':>10}  {'loss at N_opt':>13}"]
+    around = "every size" if fit.neighbours is None else f"the lowest loss ± {fit.neighbours} sizes"
+    lines = [f"IsoFLOP profiles (Chinchilla approach 2: parabola in ln N per budget, fitted to {around})",
+             f"  {'budget C':>10}  {'runs':>7}  {'N_opt':>10}  {'×/÷ (1 s.e.)':>12}  {'D_opt':>10}  "
+             f"{'loss at N_opt':>13}"]
     for profile in fit.profiles:
-        lines.append(f"  {profile.budget:10.3g}  {len(profile.params):4d}  {profile.optimal_params:10.3g}  "
+        spread = (f"{math.exp(profile.log_params_stderr):12.2f}" if math.isfinite(profile.log_params_stderr)
+                  else f"{'n/a':>12}")
+        used = f"{int(profile.fitted.sum())}/{len(profile.params)}"
+        lines.append(f"  {profile.budget:10.3g}  {used:>7}  {profile.optimal_params:10.3g}  {spread}  "
                      f"{profile.optimal_tokens:10.3g}  {profile.optimal_loss:13.4f}")
+    lines.append("  (runs = fitted/all at the budget; ×/÷ = the parabola's own uncertainty in N_opt, n/a through "
+                 "exactly 3 points)")
     lines += [f"  skipped: {reason}" for reason in fit.skipped]
     dof = fit.params_law.dof
     note = f"regression standard error, {dof} residual dof" if dof > 0 else "no uncertainty with 2 budgets"
     chinchilla = CHINCHILLA
+    exponent_sum = fit.params_law.exponent + fit.tokens_law.exponent
     lines += [
         f"  N_opt ∝ C^a: a = {_plus_minus(fit.params_law.exponent, fit.params_law.exponent_stderr)}  ({note})",
         f"  D_opt ∝ C^b: b = {_plus_minus(fit.tokens_law.exponent, fit.tokens_law.exponent_stderr)}",
+        f"  a + b = {exponent_sum:.3f} (1 when C = 6ND exactly; more when FLOPs per token grow slower than N)",
         f"  Chinchilla: a = {chinchilla.params_exponents[0]:.2f} / {chinchilla.params_exponents[1]:.2f}, "
         f"b = {chinchilla.tokens_exponents[0]:.2f} / {chinchilla.tokens_exponents[1]:.2f} (approaches 1 / 2)",
     ]
@@ -780,13 +857,18 @@ def _isoflop_figure(fit: IsoFlopFit):
     figure, (axes,) = _new_figure()
     colour = _colour_scale([p.budget for p in fit.profiles], "compute budget C (FLOPs)", figure, axes)
     for profile in fit.profiles:
-        params = np.geomspace(profile.params[0], profile.params[-1], 100)
-        axes.plot(profile.params, profile.losses, "o", color=colour(profile.budget), markersize=4)
+        params = np.geomspace(*profile.fitted_range, 100)
+        axes.plot(profile.params, profile.losses, ":", color=colour(profile.budget), linewidth=0.8)
+        axes.plot(profile.params[profile.fitted], profile.losses[profile.fitted], "o", color=colour(profile.budget),
+                  markersize=5)
+        axes.plot(profile.params[~profile.fitted], profile.losses[~profile.fitted], "o", markersize=5,
+                  markerfacecolor="none", markeredgecolor=colour(profile.budget))
         axes.plot(params, profile.predict(params), "-", color=colour(profile.budget), label=f"C = {profile.budget:.2g}")
         axes.plot(profile.optimal_params, profile.optimal_loss, "*", color="red", markersize=12, markeredgecolor="k")
     axes.plot([], [], "*", color="red", markeredgecolor="k", markersize=12, label="parabola minimum")
+    axes.plot([], [], "o", color="grey", markerfacecolor="none", label="not in the parabola's fit")
     axes.set(xscale="log", xlabel="parameters N", ylabel="final validation loss",
-             title="IsoFLOP profiles: parabola in ln N per budget")
+             title="IsoFLOP profiles: parabola in ln N around each budget's minimum")
     axes.legend(fontsize="small")
     return figure
 

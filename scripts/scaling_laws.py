@@ -390,7 +390,17 @@ def load_plan(sweep_dir: Path) -> tuple[dict, list[PlannedRun]]:
     if not path.is_file():
         raise ConfigError(f"{sweep_dir} holds no {PLAN_FILE}: plan or run a sweep spec into it first")
     plan = json.loads(path.read_text())
-    return plan, [PlannedRun(**run) for run in plan["runs"]]
+    return plan, [_rerooted(PlannedRun(**run), sweep_dir) for run in plan["runs"]]
+
+
+def _rerooted(run: PlannedRun, sweep_dir: Path) -> PlannedRun:
+    """The run as found under `sweep_dir`: plan.json records absolute paths, so a sweep directory that was moved or
+    renamed would otherwise read (or miss) the runs at its old location — or another sweep's, if one took its place."""
+    sweep_dir = sweep_dir.resolve()
+    if Path(run.run_dir).parent == sweep_dir / "runs":
+        return run
+    return dataclasses.replace(run, run_dir=str(sweep_dir / "runs" / run.name),
+                               config_path=str(sweep_dir / "configs" / f"{run.name}.yaml"))
 
 
 def trained_step(run: PlannedRun) -> int | None:
@@ -613,7 +623,7 @@ class FitOutcome:
 
 def fit_sweep(collected: Sequence[CollectedRun], out_dir: Path, target_flops: float | None, metric: str = "bpb",
               params: str = "non_embedding", parametric: bool = True, n_bootstrap: int = 200,
-              min_steps: int = 0) -> FitOutcome:
+              min_steps: int = 0, neighbours: int | None = 2) -> FitOutcome:
     """IsoFLOP and parametric fits with what the runs support; the report says what could not be fitted and why."""
     from llama_jax import scaling
 
@@ -627,9 +637,11 @@ def fit_sweep(collected: Sequence[CollectedRun], out_dir: Path, target_flops: fl
     if len(fitted_runs) < len(collected):
         left_out = sorted(set(run.plan.name for run in collected) - set(run.plan.name for run in fitted_runs))
         notes.append(f"left out of the fits (fewer than {min_steps} steps): {', '.join(left_out)}")
-    isoflop = _try(lambda: scaling.fit_isoflop(results, on_bad_profile="skip"), "IsoFLOP fit", notes)
+    isoflop = _try(lambda: scaling.fit_isoflop(results, on_bad_profile="skip", neighbours=neighbours), "IsoFLOP fit",
+                   notes)
     if isoflop is None:
-        notes += [line for line in _single_profiles(results) if line.removeprefix("no profile: ") not in notes[-1]]
+        notes += [line for line in _single_profiles(results, neighbours)
+                  if line.removeprefix("no profile: ") not in notes[-1]]
     fitted, degenerate = None, None
     if parametric:
         fitted = _try(lambda: scaling.fit_parametric(results, n_bootstrap=n_bootstrap), "parametric fit", notes)
@@ -675,14 +687,14 @@ def _try(fit, what: str, notes: list[str]):
         return None
 
 
-def _single_profiles(results) -> list[str]:
+def _single_profiles(results, neighbours: int | None) -> list[str]:
     """Without an IsoFLOP power law (too few budgets or runs), each budget's own parabola is still informative."""
     from llama_jax.scaling import ScalingFitError, fit_profile, group_by_budget
 
     lines = []
     for budget, runs in group_by_budget(results):
         try:
-            profile = fit_profile(runs, budget)
+            profile = fit_profile(runs, budget, neighbours)
             lines.append(f"IsoFLOP profile at C={budget:.3g}: N_opt={profile.optimal_params:.3g}, "
                          f"D_opt={profile.optimal_tokens:.3g}, loss there {profile.optimal_loss:.4f}")
         except ScalingFitError as error:
@@ -777,6 +789,21 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fit only runs of at least this many steps (shorter runs may not have left the initial "
                              "loss plateau, where no power law holds); they stay in the run table")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the parametric fit")
+    parser.add_argument("--neighbours", type=_neighbours, default=2, metavar="K",
+                        help="fit each IsoFLOP parabola to the budget's lowest loss and K model sizes on each side of "
+                             "it (default 2; `all`: every size, as Hoffmann et al.)")
+
+
+def _neighbours(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number or `all`, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str]) -> int:
@@ -816,7 +843,8 @@ def _fit_command(sweep_dir: Path, args: argparse.Namespace) -> int:
     fit_dir = getattr(args, "fit_dir", None) or sweep_dir / "fit"
     outcome = fit_sweep(collected, fit_dir, target, metric=args.metric,
                         params=args.params or plan.get("params_counted", "non_embedding"),
-                        parametric=not args.no_parametric, n_bootstrap=args.bootstrap, min_steps=args.min_steps)
+                        parametric=not args.no_parametric, n_bootstrap=args.bootstrap, min_steps=args.min_steps,
+                        neighbours=args.neighbours)
     print(outcome.report, end="")
     print("plots: " + ", ".join(str(path) for path in outcome.plots.values()))
     print(f"report: {fit_dir / 'report.txt'} · table: {fit_dir / 'results.csv'}")

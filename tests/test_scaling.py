@@ -129,6 +129,67 @@ def test_closed_form_optimum_matches_brute_force_minimisation():
     assert 6 * closed_form * tokens == pytest.approx(flops)
 
 
+def plateau_sweep(noise: float, seed: int = 0, budgets=(1e18, 1e19, 1e20, 1e21)) -> list[RunResult]:
+    """One ladder of 14 sizes 1.5× apart for every budget (as a CPU sweep has), the optimum moving across it, and
+    runs with fewer than 2 tokens per parameter stuck 0.5 above the law (still on the initial loss plateau)."""
+    rng = np.random.default_rng(seed)
+    ladder = 0.25 * true_optimal_params(1e18) * 1.5 ** np.arange(14)
+    runs = []
+    for budget in budgets:
+        for params in ladder:
+            tokens = budget / (6 * params)
+            loss = true_loss(params, tokens) + (0.5 if tokens < 2 * params else 0.0)
+            runs.append(RunResult(params, tokens, loss * math.exp(noise * rng.standard_normal()), budget=budget))
+    return runs
+
+
+def test_isoflop_fit_around_each_minimum_recovers_the_exponent_despite_plateau_runs():
+    """The failure mode of a short CPU sweep: the largest models at each budget sit on the loss plateau. A parabola
+    through every size is dragged by them (a ≈ 0.51 here); one through the lowest loss and two sizes either side is
+    not. Tolerances hold for every one of 20 noise seeds."""
+    runs = plateau_sweep(noise=0.002)
+    local = fit_isoflop(runs)
+    assert len(local.profiles) == 4 and not local.skipped
+    assert local.params_law.exponent == pytest.approx(TRUE_PARAMS_EXPONENT, abs=0.03)
+    for profile in local.profiles:
+        assert 4 <= profile.fitted.sum() <= 5  # two sizes either side where the ladder has them
+        assert profile.optimal_params == pytest.approx(true_optimal_params(profile.budget), rel=0.2)
+    every_size = fit_isoflop(runs, neighbours=None)
+    assert every_size.params_law.exponent - TRUE_PARAMS_EXPONENT > 0.04
+    noise_free = fit_isoflop(plateau_sweep(noise=0.0))
+    assert noise_free.params_law.exponent == pytest.approx(TRUE_PARAMS_EXPONENT, abs=0.003)
+
+
+def test_budget_whose_optimum_is_off_the_ladder_is_skipped_and_reported():
+    # At 1e23 the optimum (≈ 1.1e11 parameters) lies beyond the ladder's largest model (≈ 1.1e10).
+    runs = plateau_sweep(noise=0.0, budgets=(1e18, 1e19, 1e20, 1e23))
+    fit = fit_isoflop(runs, on_bad_profile="skip")
+    assert [profile.budget for profile in fit.profiles] == [1e18, 1e19, 1e20]
+    assert len(fit.skipped) == 1
+    assert "C=1e+23: no interior minimum" in fit.skipped[0] and "add larger models" in fit.skipped[0]
+    assert "skipped: IsoFLOP profile at budget C=1e+23: no interior minimum" in format_report(fit, None)
+    with pytest.raises(ScalingFitError, match=r"C=1e\+23: no interior minimum"):
+        fit_isoflop(runs)
+
+
+def test_vertex_standard_error_matches_the_scatter_of_vertices_over_noise():
+    """A second code path for the parabola's own uncertainty: the spread of N_opt over 400 noisy draws."""
+    rng = np.random.default_rng(0)
+    log_sizes = math.log(1e8) + np.linspace(-1.0, 1.0, 5)
+    truth = 3.0 + 0.2 * (log_sizes - math.log(1e8) - 0.2) ** 2
+    vertices, stderrs = [], []
+    for _ in range(400):
+        losses = truth + 0.005 * rng.standard_normal(5)
+        runs = [RunResult(math.exp(x), 1e18 / (6 * math.exp(x)), loss) for x, loss in zip(log_sizes, losses)]
+        profile = fit_profile(runs, 1e18)
+        vertices.append(math.log(profile.optimal_params))
+        stderrs.append(profile.log_params_stderr)
+    assert np.mean(vertices) == pytest.approx(math.log(1e8) + 0.2, abs=0.01)
+    assert np.std(vertices) == pytest.approx(math.sqrt(np.mean(np.square(stderrs))), rel=0.2)
+    three = [RunResult(math.exp(x), 1.0, loss) for x, loss in zip(log_sizes[1:4], truth[1:4])]
+    assert math.isnan(fit_profile(three, 1e18).log_params_stderr)
+
+
 # --- the parabola, by hand ------------------------------------------------------------------
 
 
@@ -187,16 +248,36 @@ def test_budget_with_too_few_model_sizes_is_named(sweep):
 
 
 def test_downward_parabola_is_named():
-    runs = [RunResult(n, 1e18 / (6 * n), loss, budget=1e18) for n, loss in ((1e7, 3.0), (1e8, 3.5), (1e9, 3.0))]
-    with pytest.raises(ScalingFitError, match=r"C=1e\+18: the fitted parabola opens downward"):
+    # The lowest loss is interior, but around it the losses form a hump, not a valley (noise, a diverged run).
+    sizes_and_losses = ((1e7, 1.0), (1e8, 2.0), (1e9, 0.5), (1e10, 2.0), (1e11, 1.0))
+    runs = [RunResult(n, 1e18 / (6 * n), loss, budget=1e18) for n, loss in sizes_and_losses]
+    with pytest.raises(ScalingFitError, match=r"C=1e\+18: the parabola fitted to the 5 runs .* opens downward"):
         fit_profile(runs, 1e18)
 
 
-def test_minimum_outside_sampled_sizes_is_named_with_the_fix():
-    # Losses still falling at the largest model: the minimum lies beyond the sampled range.
-    runs = [RunResult(n, 1e18 / (6 * n), loss) for n, loss in ((1e7, 4.0), (1e8, 3.2), (1e9, 2.9))]
-    with pytest.raises(ScalingFitError, match=r"C=1e\+18: .*outside the sampled model sizes.*add larger models"):
+@pytest.mark.parametrize("losses, edge, fix", [
+    ((4.0, 3.2, 2.9), "largest", "add larger models"),  # still falling at the largest model
+    ((2.9, 3.2, 4.0), "smallest", "add smaller models"),  # already rising from the smallest
+])
+def test_budget_without_an_interior_minimum_is_named_with_the_fix(losses, edge, fix):
+    runs = [RunResult(n, 1e18 / (6 * n), loss) for n, loss in zip((1e7, 1e8, 1e9), losses)]
+    with pytest.raises(ScalingFitError, match=rf"C=1e\+18: no interior minimum: the lowest loss \(2.9\) is at the "
+                                              rf"{edge} sampled model size .*{fix} at this budget"):
         fit_profile(runs, 1e18)
+
+
+def test_a_convex_fit_cannot_hide_a_minimum_at_the_edge():
+    # A least-squares parabola through all four points opens upward with its vertex inside the sampled range
+    # (N ≈ 1.5e9), but the lowest loss is at the largest size: the sweep has not bracketed the optimum, and no
+    # vertex is reported.
+    sizes, losses = (1e7, 1e8, 1e9, 1e10), (4.0, 2.0, 2.1, 1.9)
+    curvature, slope, _ = np.polyfit(np.log(sizes), losses, 2)
+    assert curvature > 0 and 1e7 < math.exp(-slope / (2 * curvature)) < 1e10
+    runs = [RunResult(n, 1e18 / (6 * n), loss) for n, loss in zip(sizes, losses)]
+    with pytest.raises(ScalingFitError, match="no interior minimum.*largest"):
+        fit_profile(runs, 1e18)
+    with pytest.raises(ScalingFitError, match="no interior minimum.*largest"):
+        fit_profile(runs, 1e18, neighbours=None)
 
 
 def test_bad_profiles_can_be_skipped_and_are_reported(sweep):

@@ -218,3 +218,51 @@ def test_a_law_without_an_optimum_is_reported_but_not_plotted(tmp_path):
     assert len(short) == 1 and f"left out of the fits (fewer than {min_steps} steps): {short[0]}" in report
     assert f"Runs ({len(runs)};" in report  # the table still lists every run
     assert (out / "fit" / "loss_vs_flops.png").is_file()
+
+
+def test_a_budget_that_does_not_bracket_its_optimum_is_reported_and_left_out(tmp_path):
+    """At the largest budget the losses still fall at the largest model: that budget is named, with the fix, in the
+    report; the IsoFLOP fit uses the other two, and the profiles' table says how many runs each parabola used."""
+    law = lambda n, d: 0.8 + 100.0 / n ** 0.32 + 100.0 * 20**0.32 / d ** 0.32  # noqa: E731
+    out, runs = synthetic_sweep(tmp_path, law)
+    largest = max(run.budget for run in runs)
+    for run in runs:
+        if run.budget == largest:  # falling with N: the optimum lies beyond the sampled sizes
+            (Path(run.run_dir) / "final_eval.json").write_text(json.dumps(
+                {"step": run.steps, "bits_per_byte": 3.0 - 0.1 * math.log(run.non_embedding_params), "loss": 1.0}))
+    assert sweep.main(["fit", str(out), "--no-parametric"]) == 0
+    report = (out / "fit" / "report.txt").read_text()
+    assert f"skipped: IsoFLOP profile at budget C={largest:.3g}: no interior minimum" in report
+    assert "add larger models at this budget" in report
+    assert "no uncertainty with 2 budgets" in report
+    rows = [line.split() for line in report.splitlines() if line.strip().startswith(("1e+12", "4e+12"))]
+    assert len(rows) == 2 and all(row[1] in ("4/5", "5/5") for row in rows)
+    assert "parabola in ln N per budget, fitted to the lowest loss ± 2 sizes" in report
+
+
+@pytest.mark.parametrize("text, value", [("2", 2), ("all", None), ("0", "error"), ("x", "error")])
+def test_neighbours_option(text, value):
+    parser = sweep.build_parser()
+    if value == "error":
+        with pytest.raises(SystemExit):
+            parser.parse_args(["fit", "somewhere", "--neighbours", text])
+    else:
+        assert parser.parse_args(["fit", "somewhere", "--neighbours", text]).neighbours == value
+
+
+def test_a_moved_sweep_directory_reads_its_own_runs(tmp_path):
+    """plan.json holds absolute paths; a renamed sweep directory must not read the runs at its old location (which a
+    newer sweep may have taken)."""
+    law = lambda n, d: 0.8 + 100.0 / n ** 0.32 + 100.0 * 20**0.32 / d ** 0.32  # noqa: E731
+    out, runs = synthetic_sweep(tmp_path, law)
+    moved = tmp_path / "sweep-renamed"
+    out.rename(moved)
+    for run in runs:  # a newer sweep at the old location, with other losses
+        Path(run.run_dir).mkdir(parents=True)
+        (Path(run.run_dir) / "final_eval.json").write_text(json.dumps({"step": run.steps, "bits_per_byte": 9.0,
+                                                                       "loss": 9.0}))
+    _, loaded = sweep.load_plan(moved)
+    assert [Path(run.run_dir) for run in loaded] == [(moved / "runs" / run.name).resolve() for run in runs]
+    collected = sweep.collect(loaded, evaluate_missing=False)
+    assert len(collected) == len(runs)
+    assert all(c.bits_per_byte == pytest.approx(law(c.plan.non_embedding_params, c.plan.tokens)) for c in collected)
