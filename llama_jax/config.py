@@ -229,6 +229,7 @@ class CheckpointConfig:
     keep: int = 3  # the most recent checkpoints kept ...
     keep_every: int = 0  # ... plus every step that is a multiple of this; 0 = none
     async_save: bool = True  # training continues while the write finishes
+    compress: bool = False  # zstd: ~8% smaller for float32 state, but saves and restores 2-4x slower on CPU
     fresh: bool = False  # start over even if run_dir holds checkpoints (deletes them); `--fresh` on the command line
 
     def __post_init__(self) -> None:

@@ -5,9 +5,10 @@ A non-finite loss or gradient norm triggers a rollback at once. A spike — the 
 running mean is an exponential moving average (decay `ema_decay`); `noise` is the step-to-step standard deviation,
 estimated from successive differences (EMA of (loss_t - loss_t-1)² / 2), so a falling loss curve does not inflate it
 as the plain variance around a lagging mean would. Spiking steps update neither; spikes are judged only after
-`warmup_steps` observations, and the mean needs a few multiples of 1 / (1 - ema_decay) steps to settle. The decision is made on the host from the two scalars each step
-returns, so it costs one small device-to-host read per step (the loop reads step k's scalars after dispatching step
-k+1, so the device never waits).
+`warmup_steps` observations, and the mean needs a few multiples of 1 / (1 - ema_decay) steps to settle.
+
+The decision is made on the host from the two scalars each step returns, so it costs one small device-to-host read
+per step (the loop reads step k's scalars after dispatching step k+1, so the device never waits).
 
 `GuardState` is plain JSON and is saved in every checkpoint: a resumed run judges its steps exactly as the
 uninterrupted run would. The rollback history is the exception by design: it is carried across rollbacks (a

@@ -313,7 +313,8 @@ class _Run:
                     if watch.requested(iteration):
                         self._stop(watch)
                     iteration += 1
-                    self._dispatch()
+                    if self._dispatch():
+                        continue  # rolled back
                     if self._boundary() and not self._judge_pending():
                         self._at_boundary()
             self.checkpoints.wait()
@@ -323,14 +324,15 @@ class _Run:
             self.checkpoints.close()
         return self.state
 
-    def _dispatch(self) -> None:
-        """Start step `self.step + 1`; meanwhile judge the step before it (its scalars are ready or nearly)."""
+    def _dispatch(self) -> bool:
+        """Start step `self.step + 1`; meanwhile judge the step before it (its scalars are ready or nearly).
+        True if that judgement rolled the run back (the step just dispatched belonged to the abandoned run)."""
         index = self.step + self.data_skip
         batch = self.faults.batch(self.train_batch(index), index)
         self.state, metrics = self.step_fn(self.faults.state(self.state, self.step + 1, index), batch)
         self.throughput.add(self.tokens_per_step)
         if self.pending is not None and self._judge_pending():
-            return  # rolled back: the step just dispatched belonged to the abandoned trajectory
+            return True
         self.pending = (self.step + 1, metrics)
         self.step += 1
         self.progress.update(1)
@@ -339,6 +341,7 @@ class _Run:
         c = self.config.checkpoint
         if (c.every_steps and self.step % c.every_steps == 0) or self.step == self.total or self._time_to_save():
             self.save_pending = True
+        return False
 
     def _time_to_save(self) -> bool:
         minutes = self.config.checkpoint.every_minutes

@@ -22,6 +22,7 @@ import pytest
 from llama_jax.checkpoint import PREEMPTED_EXIT_STATUS, RunCheckpoints, format_listing, list_checkpoints
 from llama_jax.config import GuardConfig, load_config
 from llama_jax.data import build_store
+from llama_jax.errors import CheckpointError
 from llama_jax.guard import DivergenceError, Guard
 from llama_jax.loop import global_batch, train
 from llama_jax.sharding import make_mesh
@@ -53,8 +54,9 @@ def corpus(tmp_path_factory):
 
 def program_args(corpus, run_dir, *extra):
     root, tokenizer = corpus
-    return ["configs/tiny.yaml", *MODEL, f"train.steps={STEPS}", f"run_dir={run_dir}", f"data.path={root / 'train.txt'}",
-            f"data.valid_path={root / 'valid.txt'}", f"data.tokenizer={tokenizer.path}", *extra]
+    return ["configs/tiny.yaml", *MODEL, f"train.steps={STEPS}", f"run_dir={run_dir}",
+            f"data.path={root / 'train.txt'}", f"data.valid_path={root / 'valid.txt'}",
+            f"data.tokenizer={tokenizer.path}", *extra]
 
 
 class Program:
@@ -226,6 +228,36 @@ def test_sigterm_saves_exits_75_and_resumes_a_second_signal_aborts(corpus, refer
     assert_same_run(run_dir, reference())
 
 
+@pytest.mark.slow
+def test_two_processes_agree_on_the_preemption_step(corpus, tmp_path):
+    """SIGTERM to process 1 only: JAX's preemption sync point makes both save the same step and exit 75."""
+    import socket
+
+    run_dir = tmp_path / "run"
+
+    def start(name):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [Program(program_args(corpus, run_dir, "debug.step_sleep_seconds=0.2",
+                                     f"distributed.coordinator_address=127.0.0.1:{port}",
+                                     "distributed.num_processes=2", f"distributed.process_id={i}"),
+                        tmp_path, f"{name}{i}") for i in range(2)]
+
+    first = start("first")
+    first[0].wait_until(lambda: logged_steps(run_dir) >= 6)
+    first[1].process.send_signal(signal.SIGTERM)
+    assert [p.wait() for p in first] == [PREEMPTED_EXIT_STATUS] * 2, first[0].stderr[-2000:] + first[1].stderr[-2000:]
+    stopped = [line for line in first[0].stderr.splitlines() if line.startswith("stopped by SIGTERM at step ")]
+    step = int(stopped[0].split("at step ")[1].split(":")[0])
+    assert complete(run_dir, step) and logged_steps(run_dir) == step
+
+    last = start("last")
+    assert [p.wait() for p in last] == [0, 0], last[0].stderr[-2000:] + last[1].stderr[-2000:]
+    assert f"checkpoints/{step} (step {step} of {STEPS}" in last[0].stderr
+    assert [r["step"] for r in records(run_dir)] == list(range(1, STEPS + 1))
+
+
 # ── In-process runs: rollback, the cap, corrupted checkpoints, another mesh ─────────────────────────────────────
 @pytest.fixture(scope="module")
 def setup(corpus, tmp_path_factory):
@@ -299,8 +331,9 @@ def test_rollback_cap_ends_a_run_that_keeps_diverging(setup, tmp_path):
     with pytest.raises(DivergenceError, match=r"training keeps diverging: non-finite loss at step 10 would be "
                                               r"rollback 3 within 1000 steps \(guard.max_rollbacks=2; rollbacks at "
                                               r"steps 10, 10, 10\)"):
+        # Logged every 7 steps, step 10 is judged while step 11 runs (the loop's one-step lag).
         run_in_process(setup, run_dir, "debug.inject_nan_at_step=10", "debug.inject_nan_sticky=true",
-                       "guard.max_rollbacks=2")
+                       "guard.max_rollbacks=2", "train.log_every_steps=7")
     assert [e["rollbacks_in_window"] for e in events(run_dir)] == [1, 2]
 
 
@@ -332,11 +365,19 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(setup, tmp_p
     err = capsys.readouterr().err
     warning = [line for line in err.splitlines() if line.startswith("warning: checkpoint")]
     assert len(warning) == 1 and str(newest) in warning[0] and "is unreadable" in warning[0], err
-    assert f"moved it to {newest}.corrupt and falling back to the previous checkpoint" in warning[0]
+    assert warning[0].endswith(f"moved it to {newest}.corrupt; using checkpoint 20 instead")
     assert f"resuming from {run_dir / 'checkpoints' / '20'}" in err
     assert records(run_dir) == before  # the same steps again, bit for bit, and no line twice
     listing = {e.name: e.status for e in list_checkpoints(run_dir)}
     assert listing[f"{STEPS}.corrupt"] == "corrupt" and listing[str(STEPS)] == "complete"
+
+    # When no checkpoint can be read the run stops with an error instead of silently starting over.
+    for step_dir in (run_dir / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            (step_dir / "meta" / "meta.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be restored \(checkpoint .*/16 is unreadable"):
+        run_in_process(setup, run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["16", "20", "24", "24.corrupt"]
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
