@@ -7,6 +7,14 @@ each decode step writes one slot for all rows. Pad slots get segment id 0 and re
 sees the padding; RoPE positions count from 0 at each row's first real token, so a padded row computes exactly what it
 would alone.
 
+The model's blocks are stacked along a leading `layers` axis for its scan; slicing a layer's weights out of the stack
+inside the decode loop makes XLA copy them at every step (on 2 CPU cores that copy cost more than the whole step
+should), and a scan over the stacked KV cache rebuilds the cache at every step. So generation runs the same `Block`
+modules layer by layer (unrolled) on a per-layer copy of the weights made once per call (`DecodeWeights`), with one
+key and one value buffer per layer that each step updates in place (`LayerCache`). The price is one extra copy of the
+block weights while generating (none when the compute dtype differs from the parameters', which needed a cast copy
+anyway).
+
 Two drivers share the same prefill and step functions:
 - `generate` runs the whole decode loop inside one jitted `jax.lax.while_loop` (no Python per token) and returns
   completions for a batch;
@@ -27,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
-from llama_jax.model import KVCache, Llama
+from llama_jax.model import AttentionMask, LayerInputs, Llama, Rotary, _dot, rope_frequencies
 
 Array = jax.Array
 FinishReason = Literal["stop", "length"]
@@ -134,27 +143,101 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_to_multiple: int = 1) -> Padd
     return PaddedPrompts(tokens, segment_ids, positions, lengths)
 
 
-# ── Prefill and decode steps (pure functions of the model's graph and parameters) ───────────────────────────────────
+# ── The model, layer by layer, with a per-layer cache ─────────────────────────────────────────────────────────────
+class DecodeWeights(NamedTuple):
+    """The model's parameters laid out for decoding: each block's weights on their own (not slices of a stack)."""
+
+    embedding: Array  # [vocab, dim]
+    output: Array | None  # [dim, vocab], or None when the head is tied to the embedding
+    final_norm: nnx.State
+    layers: tuple[nnx.State, ...]  # one Block state per layer
+
+
+class Architecture(NamedTuple):
+    """The static (hashable) half of a model: its config and the graph definitions to rebuild its modules from."""
+
+    config: ModelConfig
+    block: nnx.GraphDef
+    norm: nnx.GraphDef
+
+
+class LayerCache(NamedTuple):
+    """Keys and values of every layer, one buffer per layer so that each step writes its slot in place."""
+
+    layers: tuple[tuple[Array, Array], ...]  # per layer: keys and values [batch, max_len, kv_heads, head_dim]
+    segment_ids: Array  # [batch, max_len] int32; 0 marks empty slots and padding
+    index: Array  # int32 scalar: the next slot to write
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, max_len: int) -> "LayerCache":
+        shape, dtype = (batch, max_len, config.kv_heads, config.head_dim), jnp.dtype(config.dtype)
+        layers = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers))
+        return cls(layers, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def decode_weights(model: Llama) -> tuple[Architecture, DecodeWeights]:
+    """Split a model into its static architecture and its weights per layer, cast to the compute dtype.
+
+    The model casts every weight to the compute dtype where it uses it, so casting once here changes no result; it
+    spares each decode step re-reading float32 weights and converting them (decoding is bound by reading weights).
+    """
+    block_graphdef, blocks = nnx.split(model.blocks)
+    norm_graphdef, final_norm = nnx.split(model.final_norm)
+    architecture = Architecture(model.config, block_graphdef, norm_graphdef)
+    output = None if model.output is None else model.output[...]
+    return architecture, _unstack_jitted(model.embedding[...], output, final_norm, blocks,
+                                         n_layers=model.config.n_layers, dtype=model.config.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("n_layers", "dtype"))
+def _unstack_jitted(embedding: Array, output: Array | None, final_norm: nnx.State, blocks: nnx.State, n_layers: int,
+                    dtype: str) -> DecodeWeights:
+    cast = lambda tree: jax.tree.map(lambda value: value.astype(dtype), tree)  # noqa: E731
+    layers = tuple(cast(jax.tree.map(lambda value, i=i: value[i], blocks)) for i in range(n_layers))
+    return DecodeWeights(cast(embedding), None if output is None else cast(output), cast(final_norm), layers)
+
+
+def _forward(arch: Architecture, weights: DecodeWeights, tokens: Array, positions: Array, segment_ids: Array,
+             cache: LayerCache) -> tuple[Array, LayerCache]:
+    """Llama.hidden_states with a cache, one layer after another: final-normed hidden states [batch, seq, dim].
+
+    The blocks are the model's own `Block` modules; only the loop over layers differs (unrolled, per-layer buffers).
+    """
+    config = arch.config
+    batch, length = tokens.shape
+    start = cache.index
+    slots = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, start))
+    cache_slots = jnp.broadcast_to(jnp.arange(cache_segments.shape[1], dtype=jnp.int32), cache_segments.shape)
+    mask = AttentionMask(slots, segment_ids, cache_slots, cache_segments)
+    inputs = LayerInputs(Rotary.at(positions, rope_frequencies(config)), mask, start)
+    x = jnp.take(weights.embedding, tokens, axis=0).astype(config.dtype)
+    layer_caches = []
+    for layer_weights, layer_cache in zip(weights.layers, cache.layers):
+        x, layer_cache = nnx.merge(arch.block, layer_weights)(x, inputs, layer_cache)
+        layer_caches.append(layer_cache)
+    hidden = nnx.merge(arch.norm, weights.final_norm)(x)
+    return hidden, LayerCache(tuple(layer_caches), cache_segments, start + length)
+
+
+def _logits(arch: Architecture, weights: DecodeWeights, hidden: Array) -> Array:
+    """Llama.logits: the output head, float32 logits."""
+    dtype = jnp.dtype(arch.config.dtype)
+    if weights.output is None:
+        return _dot("bsd,vd->bsv", hidden, weights.embedding, dtype)
+    return _dot("bsd,dv->bsv", hidden, weights.output, dtype)
+
+
+# ── Prefill and decode steps ─────────────────────────────────────────────────────────────────────────────────────
 class DecodeState(NamedTuple):
     """Everything the decode loop carries from one step to the next."""
 
-    cache: KVCache
+    cache: LayerCache
     last_token: Array  # [batch] the most recent token, fed at the next step
     next_position: Array  # [batch] its RoPE position
     done: Array  # [batch] bool: the row produced a stop token (it keeps running, masked, until all rows are done)
     step: Array  # int32 scalar: tokens generated so far
     output: Array  # [batch, max_new_tokens] generated tokens (filler after a row's stop token)
-
-
-def inference_params(params: nnx.State, dtype: str) -> nnx.State:
-    """Parameters cast once to the compute dtype.
-
-    The model casts every weight to the compute dtype where it uses it, so this changes no result; it only spares
-    each decode step re-reading float32 weights and converting them (decoding is bound by reading the weights).
-    """
-    if all(value.dtype == jnp.dtype(dtype) for value in jax.tree.leaves(params)):
-        return params  # nothing to cast (and no program to compile)
-    return _cast_jitted(params, dtype=dtype)
 
 
 class Rules(NamedTuple):
@@ -169,26 +252,27 @@ def _is_stop(tokens: Array, stop_ids: Array) -> Array:
     return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
 
-def _prefill(model: Llama, prompts: PaddedPrompts, rules: Rules, greedy: bool, cache_len: int,
-             max_new_tokens: int) -> DecodeState:
+def _prefill(arch: Architecture, weights: DecodeWeights, prompts: PaddedPrompts, rules: Rules, greedy: bool,
+             cache_len: int, max_new_tokens: int) -> DecodeState:
     """Run the whole padded prompt through the model into a fresh cache and draw the first new token."""
     batch = prompts.tokens.shape[0]
-    cache = KVCache.empty(model.config, batch, cache_len)
-    hidden, cache = model.hidden_states(prompts.tokens, positions=prompts.positions,
-                                        segment_ids=prompts.segment_ids, cache=cache)
+    cache = LayerCache.empty(arch.config, batch, cache_len)
+    hidden, cache = _forward(arch, weights, prompts.tokens, prompts.positions, prompts.segment_ids, cache)
     # Left padding puts every row's last prompt token in the last slot: only that slot's logits are needed.
-    logits = model.logits(hidden[:, -1:])[:, 0]
+    logits = _logits(arch, weights, hidden[:, -1:])[:, 0]
     first = _sample(logits, jax.random.fold_in(rules.key, 0), greedy, rules.sampling)
     output = jnp.full((batch, max_new_tokens), _FILLER_TOKEN, jnp.int32).at[:, 0].set(first)
     return DecodeState(cache, first, prompts.lengths.astype(jnp.int32), _is_stop(first, rules.stop_ids),
                        jnp.ones((), jnp.int32), output)
 
 
-def _decode_step(model: Llama, state: DecodeState, rules: Rules, greedy: bool) -> DecodeState:
+def _decode_step(arch: Architecture, weights: DecodeWeights, state: DecodeState, rules: Rules,
+                 greedy: bool) -> DecodeState:
     """Feed each row's last token and draw the next; finished rows are fed as padding (segment 0) and keep filler."""
     segment = jnp.where(state.done, 0, 1).astype(jnp.int32)[:, None]
-    logits, cache = model(state.last_token[:, None], positions=state.next_position[:, None], segment_ids=segment,
-                          cache=state.cache)
+    hidden, cache = _forward(arch, weights, state.last_token[:, None], state.next_position[:, None], segment,
+                             state.cache)
+    logits = _logits(arch, weights, hidden)
     drawn = _sample(logits[:, 0], jax.random.fold_in(rules.key, state.step), greedy, rules.sampling)
     token = jnp.where(state.done, _FILLER_TOKEN, drawn)
     output = jax.lax.dynamic_update_slice(state.output, token[:, None], (0, state.step))
@@ -196,50 +280,45 @@ def _decode_step(model: Llama, state: DecodeState, rules: Rules, greedy: bool) -
                        state.step + 1, output)
 
 
-def _decode_loop(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, rules: Rules,
+def _decode_loop(arch: Architecture, weights: DecodeWeights, state: DecodeState, rules: Rules,
                  greedy: bool) -> DecodeState:
     max_new_tokens = state.output.shape[1]
 
-    def keep_going(carry: tuple[nnx.State, DecodeState]) -> Array:
+    def keep_going(carry: tuple[DecodeWeights, DecodeState]) -> Array:
         state = carry[1]
         return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
-    def step(carry: tuple[nnx.State, DecodeState]) -> tuple[nnx.State, DecodeState]:
-        # NNX refuses to run a module whose parameters are tracers of an outer trace, so the parameters travel in
-        # the (unchanged) loop carry and the module is rebuilt inside the body.
-        params, state = carry
-        return params, _decode_step(nnx.merge(graphdef, params), state, rules, greedy)
+    def step(carry: tuple[DecodeWeights, DecodeState]) -> tuple[DecodeWeights, DecodeState]:
+        # NNX refuses to run a module whose parameters are tracers of an outer trace, so the weights travel in the
+        # (unchanged) loop carry and the modules are rebuilt inside the body.
+        weights, state = carry
+        return weights, _decode_step(arch, weights, state, rules, greedy)
 
-    return jax.lax.while_loop(keep_going, step, (params, state))[1]
+    return jax.lax.while_loop(keep_going, step, (weights, state))[1]
 
 
-_STATIC = ("graphdef", "greedy", "cache_len", "max_new_tokens")
+_STATIC = ("arch", "greedy", "cache_len", "max_new_tokens")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_jitted(graphdef: nnx.GraphDef, params: nnx.State, prompts: PaddedPrompts, rules: Rules, greedy: bool,
+def _generate_jitted(arch: Architecture, weights: DecodeWeights, prompts: PaddedPrompts, rules: Rules, greedy: bool,
                      cache_len: int, max_new_tokens: int) -> tuple[Array, Array]:
-    state = _prefill(nnx.merge(graphdef, params), prompts, rules, greedy, cache_len, max_new_tokens)
-    state = _decode_loop(graphdef, params, state, rules, greedy)
+    state = _prefill(arch, weights, prompts, rules, greedy, cache_len, max_new_tokens)
+    state = _decode_loop(arch, weights, state, rules, greedy)
     return state.output, state.step
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _prefill_jitted(graphdef: nnx.GraphDef, params: nnx.State, prompts: PaddedPrompts, rules: Rules, greedy: bool,
+def _prefill_jitted(arch: Architecture, weights: DecodeWeights, prompts: PaddedPrompts, rules: Rules, greedy: bool,
                     cache_len: int, max_new_tokens: int) -> DecodeState:
-    return _prefill(nnx.merge(graphdef, params), prompts, rules, greedy, cache_len, max_new_tokens)
+    return _prefill(arch, weights, prompts, rules, greedy, cache_len, max_new_tokens)
 
 
 # The state is donated so that each step updates the cache in place instead of copying it.
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("state",))
-def _decode_step_jitted(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, rules: Rules,
+@functools.partial(jax.jit, static_argnames=("arch", "greedy"), donate_argnames=("state",))
+def _decode_step_jitted(arch: Architecture, weights: DecodeWeights, state: DecodeState, rules: Rules,
                         greedy: bool) -> DecodeState:
-    return _decode_step(nnx.merge(graphdef, params), state, rules, greedy)
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _cast_jitted(params: nnx.State, dtype: str) -> nnx.State:
-    return jax.tree.map(lambda value: value.astype(dtype), params)
+    return _decode_step(arch, weights, state, rules, greedy)
 
 
 # ── Public drivers ───────────────────────────────────────────────────────────────────────────────────────────────
@@ -253,8 +332,8 @@ class Completion:
 
 
 class _Prepared(NamedTuple):
-    graphdef: nnx.GraphDef
-    params: nnx.State
+    arch: Architecture
+    weights: DecodeWeights
     prompts: PaddedPrompts
     rules: Rules
     cache_len: int
@@ -274,7 +353,6 @@ def _prepare(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
     if longest + max_new_tokens > model.config.max_seq_len:
         raise ConfigError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
                           f"max_seq_len={model.config.max_seq_len}")
-    graphdef, params = nnx.split(model)
     # Stop ids are padded with -1 (never drawn) to a fixed multiple, so different stop sets share one program.
     unique_stops = sorted({int(t) for t in stop_ids})
     stop_array = np.full(_round_up(max(len(unique_stops), 1), _STOP_IDS_MULTIPLE), -1, np.int32)
@@ -282,8 +360,7 @@ def _prepare(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
     rules = Rules(jnp.asarray(stop_array), sampling.arrays(), jax.random.PRNGKey(seed))
     # The cache length is rounded up too: the decode step's program depends on it, and a chat's prompts grow.
     cache_len = _round_up(padded.tokens.shape[1] + max_new_tokens, _CACHE_MULTIPLE)
-    return _Prepared(graphdef, inference_params(params, model.config.dtype),
-                     PaddedPrompts(*(jnp.asarray(part) for part in padded)), rules, cache_len)
+    return _Prepared(*decode_weights(model), PaddedPrompts(*(jnp.asarray(part) for part in padded)), rules, cache_len)
 
 
 def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling = GREEDY,
@@ -295,7 +372,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     """
     stop_set = frozenset(int(t) for t in stop_ids)
     prepared = _prepare(model, prompts, max_new_tokens, sampling, seed, stop_set, pad_to_multiple)
-    output, steps = _generate_jitted(prepared.graphdef, prepared.params, prepared.prompts, prepared.rules,
+    output, steps = _generate_jitted(prepared.arch, prepared.weights, prepared.prompts, prepared.rules,
                                      sampling.greedy, prepared.cache_len, max_new_tokens)
     output = np.asarray(output)[:, : int(steps)]
     return [_completion(row.tolist(), stop_set) for row in output]
@@ -317,11 +394,11 @@ def stream(model: Llama, prompt: Sequence[int], *, max_new_tokens: int, sampling
     """
     stop_set = frozenset(int(t) for t in stop_ids)
     prepared = _prepare(model, [prompt], max_new_tokens, sampling, seed, stop_set, pad_to_multiple)
-    state = _prefill_jitted(prepared.graphdef, prepared.params, prepared.prompts, prepared.rules, sampling.greedy,
+    state = _prefill_jitted(prepared.arch, prepared.weights, prepared.prompts, prepared.rules, sampling.greedy,
                             prepared.cache_len, max_new_tokens)
     for step in range(max_new_tokens):
         if step > 0:
-            state = _decode_step_jitted(prepared.graphdef, prepared.params, state, prepared.rules, sampling.greedy)
+            state = _decode_step_jitted(prepared.arch, prepared.weights, state, prepared.rules, sampling.greedy)
         token = int(state.last_token[0])
         if token in stop_set:
             return

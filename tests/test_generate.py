@@ -23,6 +23,7 @@ from flax import nnx
 from llama_jax.config import MODEL_PRESETS
 from llama_jax.errors import ConfigError
 from llama_jax.generate import IncrementalDecoder, Sampling, generate, left_pad, sample_tokens, stream
+from llama_jax.model import Llama
 from llama_jax.tokenizer import train_sentencepiece
 
 from eval.chat import PROMPT_PAD_MULTIPLE
@@ -115,6 +116,16 @@ def test_cached_greedy_equals_repeated_full_forwards(model, prompts, greedy_alon
 def test_greedy_equals_transformers_generate(hf_model, prompts, greedy_batch):
     expected = hf_greedy(hf_model, prompts, MAX_NEW)
     assert [completion.tokens for completion in greedy_batch] == expected
+
+
+def test_tied_head_and_bfloat16_compute_equal_their_full_forwards(prompts):
+    """Generation runs the blocks layer by layer on its own copy of the weights: check the branches the main model
+    does not take (an output head tied to the embedding; weights cast to a compute dtype unlike the parameters')."""
+    config = dataclasses.replace(CONFIG, tie_embeddings=True, max_seq_len=64)
+    for dtype in ("float32", "bfloat16"):
+        model = Llama(dataclasses.replace(config, dtype=dtype), rngs=nnx.Rngs(1))
+        completion = generate(model, [prompts[1]], max_new_tokens=6)[0]
+        assert completion.tokens == full_forward_greedy(model, prompts[1], 6), dtype
 
 
 def test_left_padded_rows_equal_generating_each_prompt_alone(greedy_batch, greedy_alone):
