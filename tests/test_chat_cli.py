@@ -91,3 +91,47 @@ def test_answers_stream_piece_by_piece_and_exit_ends_the_chat(model, tokenizer):
     expected = generate(model, [session.last_prompt_tokens], max_new_tokens=MAX_NEW, stop_ids={tokenizer.eos_id},
                         pad_to_multiple=PROMPT_PAD_MULTIPLE)[0]
     assert session.last_answer_tokens == expected.tokens
+
+
+def test_sft_program_fine_tunes_into_a_loadable_run_dir(model, model_dir, tmp_path):
+    """train.sft end to end on a few conversations: the run directory alone (final checkpoint + tokenizer) is what
+    eval.generate takes as --model, and its weights moved away from the starting point. Paths are given relative to
+    the working directory, as users type them (Orbax reads no checkpoint metadata under a relative path)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import llama_jax
+    from llama_jax.layout import model_params
+    from test_generate import REPO
+
+    chats = tmp_path / "chats.jsonl"
+    with open(chats, "w") as f:
+        for i in range(12):
+            messages = [{"role": "user", "content": f"Repeat after me: {i} fox"},
+                        {"role": "assistant", "content": f"{i} fox"}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    run_dir = tmp_path / "sft"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one device
+    command = [sys.executable, "-m", "train.sft", "configs/sft.yaml", f"init_from={os.path.relpath(model_dir, REPO)}",
+               f"data.path={chats}",
+               f"run_dir={run_dir}", "train.batch_size=2", "train.seq_len=64", "sft.epochs=1", "optimizer.lr=1e-3",
+               "train.log_every_steps=1"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "tokenizer.model").read_bytes() == (model_dir / "tokenizer.model").read_bytes()
+    assert not (run_dir / "model").exists()  # no second copy of the weights: the last checkpoint is the model
+
+    tuned = llama_jax.load(run_dir)
+    before, after = model_params(model), model_params(tuned)
+    assert before.keys() == after.keys()
+    assert any(not np.allclose(np.asarray(before[name]), np.asarray(after[name])) for name in before)
+
+    process = start_module("eval.generate", "--model", os.path.relpath(run_dir, REPO), "--prompt", "Repeat after me: 3 fox",
+                           "--chat-format", "llama2", "--max-new-tokens", "4", "--json")
+    status, stdout, stderr = finish(process)
+    assert status == 0, stderr
+    assert json.loads(stdout)["prompt"] == "Repeat after me: 3 fox"

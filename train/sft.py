@@ -3,7 +3,9 @@
 Conversations (JSONL, one `{"messages": [{"role": ..., "content": ...}, ...]}` per line) are rendered in the Llama 2
 or Llama 3 chat format (`sft.format`); the loss falls only on assistant answers (and their EOS / <|eot_id|>), never
 on system or user tokens. Several conversations are packed per sequence, and attention never crosses from one to
-another (segment ids). The run machinery — sharding, metrics, evaluation — is pretraining's (`llama_jax.loop`).
+another (segment ids). The run machinery — sharding, metrics, evaluation, checkpoints, resume — is pretraining's (`llama_jax.loop`); the
+run directory keeps the tokenizer, and `llama_jax.load(run_dir)` (so `--model run_dir` in eval.generate and eval.chat)
+reads the final checkpoint.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from llama_jax.loop import train, write_run_config
 from llama_jax.sharding import mesh_from_config, rules_from_config
 from llama_jax.tokenizer import Tokenizer, load_tokenizer
 from llama_jax.trainer import Trainer
-from train.pretrain import peak_flops
+from train.pretrain import keep_tokenizer, peak_flops
 
 USAGE = """usage: python -m train.sft CONFIG.yaml init_from=CHECKPOINT data.path=CHATS.jsonl [key=value ...]
 
@@ -45,7 +47,8 @@ def main(argv: Sequence[str]) -> int:
     if config.data.path is None:
         raise ConfigError("data.path is required: chat JSONL, one {\"messages\": [...]} conversation per line")
 
-    pretrained = llama_jax.load(config.init_from)
+    # An absolute path: Orbax reads no checkpoint metadata under a relative one (a run directory would not load).
+    pretrained = llama_jax.load(Path(config.init_from).absolute())
     tokenizer = _tokenizer(config)
     model_config = dataclasses.replace(pretrained.config, **{name: getattr(config.model, name)
                                                              for name in COMPUTE_FIELDS})
@@ -61,6 +64,7 @@ def main(argv: Sequence[str]) -> int:
     config = dataclasses.replace(config, model=model_config, train=dataclasses.replace(config.train, steps=steps))
     run_dir = Path(config.run_dir)
     write_run_config(config, run_dir)
+    keep_tokenizer(tokenizer, run_dir)
 
     mesh = mesh_from_config(config.mesh)
     trainer = Trainer.create(model_config, config.optimizer, steps, mesh, rules_from_config(config.sharding_rules),
@@ -75,12 +79,12 @@ def main(argv: Sequence[str]) -> int:
         print(f"fine-tuning {model_config.num_params():,} parameters from {config.init_from} on "
               f"{len(train_dialogs)} conversations ({len(batches.epoch_rows(0))} packed rows per epoch) for "
               f"{steps} steps", file=sys.stderr)
-    state = train(trainer, config, run_dir, lambda index: place_rows(trainer, batches, index, config), eval_batches,
-                  peak_flops(config, mesh.size),
-                  init_state=lambda: _state_from_pretrained(trainer, pretrained_params, config.seed))
+    # The loop's last checkpoint holds the final parameters: `llama_jax.load(run_dir)` reads them.
+    train(trainer, config, run_dir, lambda index: place_rows(trainer, batches, index, config), eval_batches,
+          peak_flops(config, mesh.size),
+          init_state=lambda: _state_from_pretrained(trainer, pretrained_params, config.seed))
     if jax.process_index() == 0:
-        llama_jax.save(_trained_model(pretrained, state), run_dir / "model", format="orbax")
-        print(f"fine-tuned model written to {run_dir / 'model'}")
+        print(f"fine-tuned model in {run_dir} (e.g. python -m eval.chat --model {run_dir})")
     return 0
 
 
@@ -116,12 +120,6 @@ def _state_from_pretrained(trainer: Trainer, params: dict[str, jax.Array], seed:
     params = {name: jax.device_put(value, shardings.params[name]) for name, value in params.items()}
     opt_state = jax.jit(trainer.optimizer.init, out_shardings=shardings.opt_state)(params)
     return state.replace(params=params, opt_state=opt_state)
-
-
-def _trained_model(pretrained: llama_jax.Llama, state) -> llama_jax.Llama:
-    from llama_jax.layout import model_from_params
-
-    return model_from_params(pretrained.config, jax.device_get(state.params))
 
 
 if __name__ == "__main__":
