@@ -1,11 +1,13 @@
 """Does SFT really teach? Pretrain a tiny Llama, fine-tune it on a chat task whose answers can be checked exactly,
 and measure exact-match accuracy before and after with `eval.generate` — all through the public programs.
 
-    python -m scripts.sft_experiment --out runs/sft-experiment [--pretrain-steps 300] [--sft-epochs 3]
+    python -m scripts.sft_experiment --out runs/sft-exp [--pretrain train.steps=150 ...] [--sft sft.epochs=4 ...]
 
 The task: "Repeat after me: w1 w2 w3 w4" → "w1 w2 w3 w4", words drawn from a fixed list; the test prompts are word
 sequences never seen in training, so a model must learn to copy, not memorise. A pretrained model continues the
-prompt with Python-like text (the default corpus), so it starts near 0%.
+prompt with Python-like text (the default corpus), so it starts near 0%. Both measurements use the same program
+(`eval.generate`, greedy, the Llama 2 chat format) on the same held-out prompts. The figures and each stage's wall time
+are printed and written to OUT/result.json.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -66,25 +69,44 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/sft-experiment"))
     parser.add_argument("--base-config", default="configs/tiny.yaml")
-    parser.add_argument("--pretrain", nargs="*", default=["train.steps=300"], help="overrides for train.pretrain")
-    parser.add_argument("--sft", nargs="*", default=["sft.epochs=3", "optimizer.lr=1e-3", "optimizer.warmup_steps=10",
-                                                     "train.batch_size=16", "train.seq_len=256"],
+    parser.add_argument("--pretrain", nargs="*", default=["train.steps=150", "train.seq_len=128"],
+                        help="overrides for train.pretrain")
+    parser.add_argument("--sft", nargs="*", default=["sft.epochs=4", "optimizer.lr=1e-3", "optimizer.warmup_steps=20",
+                                                     "train.batch_size=16", "train.seq_len=128"],
                         help="overrides for train.sft")
-    parser.add_argument("--train-size", type=int, default=1000)
+    parser.add_argument("--train-size", type=int, default=4000)
     parser.add_argument("--test-size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse-pretrain", action="store_true",
+                        help="keep a finished OUT/pretrain run instead of pretraining again")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # Orbax reads no checkpoint metadata under a relative path
     args.out.mkdir(parents=True, exist_ok=True)
 
     pretrain_dir, sft_dir = args.out / "pretrain", args.out / "sft"
-    run(["train.pretrain", args.base_config, f"run_dir={pretrain_dir}", *args.pretrain])
+    seconds: dict[str, float] = {}
+
+    def timed(stage: str, function, *arguments):
+        start = time.perf_counter()
+        value = function(*arguments)
+        seconds[stage] = round(time.perf_counter() - start, 1)
+        print(f"{stage}: {seconds[stage]:.0f} s", file=sys.stderr, flush=True)
+        return value
+
+    if not args.reuse_pretrain:
+        timed("pretrain", run, ["train.pretrain", args.base_config, f"run_dir={pretrain_dir}", *args.pretrain])
     tokenizer = pretrain_dir / "tokenizer.model"  # train.pretrain keeps its tokenizer in the run directory
     train_path, test_path, answers = make_task(args.out, args.train_size, args.test_size, args.seed)
-    before = exact_match(pretrain_dir, tokenizer, test_path, answers)
-    run(["train.sft", args.base_config, f"run_dir={sft_dir}", f"init_from={pretrain_dir}",
-         f"data.path={train_path}", f"data.tokenizer={tokenizer}", *args.sft])
-    after = exact_match(sft_dir, tokenizer, test_path, answers)
-    result = {"exact_match_before": before, "exact_match_after": after, "test_prompts": len(answers)}
+    before = timed("eval_before", exact_match, pretrain_dir, tokenizer, test_path, answers)
+    print(f"exact match before SFT: {before:.1%}", file=sys.stderr, flush=True)
+    timed("sft", run, ["train.sft", args.base_config, f"run_dir={sft_dir}", f"init_from={pretrain_dir}",
+                       f"data.path={train_path}", f"data.tokenizer={tokenizer}", *args.sft])
+    after = timed("eval_after", exact_match, sft_dir, tokenizer, test_path, answers)
+    result = {"exact_match_before": before, "exact_match_after": after, "train_conversations": args.train_size,
+              "test_prompts": len(answers), "pretrain_overrides": args.pretrain, "sft_overrides": args.sft,
+              "reused_pretrain": args.reuse_pretrain, "seconds": seconds,
+              "total_seconds": round(sum(seconds.values()), 1)}
+    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return result
 
