@@ -45,6 +45,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
 
 from llama_jax.config import RunConfig, resolve_model
+from llama_jax.distributed import barrier
 from llama_jax.errors import CheckpointError, LlamaJaxError
 from llama_jax.layout import param_shapes
 
@@ -237,7 +238,7 @@ class RunCheckpoints:
             with contextlib.suppress(OSError):
                 source.rename(target)
                 (target / CORRUPT_NOTE).write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {reason}\n")
-        _barrier(f"quarantine-{step}")
+        barrier(f"checkpoint.quarantine-{step}")
         self.manager.reload()
         return target
 
@@ -269,7 +270,7 @@ def wipe(run_dir: str | Path) -> None:
     directory = Path(run_dir) / CHECKPOINTS
     if jax.process_index() == 0 and directory.exists():
         shutil.rmtree(directory)
-    _barrier("fresh")
+    barrier("checkpoint.fresh")
 
 
 def _placed(target) -> ocp.args.PyTreeRestore:
@@ -296,13 +297,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"llama_jax.checkpoint.{name}")
 
 
 def _all_processes_agree(ok: bool) -> bool:

@@ -23,9 +23,11 @@ One process per node with 8 GPUs: under SLURM, JAX's auto-detection gives each p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
+from typing import Iterator
 import jax
 
 from llama_jax.config import DistributedConfig
@@ -176,3 +178,25 @@ def abort(status: int, reason: str) -> None:
             pass
     os._exit(status)
 
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name` (nothing to wait for in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"llama_jax.{name}")
+
+
+@contextlib.contextmanager
+def process_zero_first(name: str) -> Iterator[None]:
+    """Process 0 runs the body first; the others wait for it, then run it themselves.
+
+    For work that writes a shared cache (a trained tokenizer, a token store): with a shared file system the other
+    processes find process 0's result instead of racing it to the same paths; without one they build their own copy.
+    """
+    if jax.process_index() != 0:
+        barrier(name)
+    yield
+    if jax.process_index() == 0:
+        barrier(name)

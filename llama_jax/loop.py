@@ -31,6 +31,7 @@ from llama_jax.checkpoint import (PREEMPTED_EXIT_STATUS, Preempted, PreemptionWa
 from llama_jax.config import DebugConfig, RunConfig, to_yaml
 from llama_jax.data import (TokenStore, batch_for_step, build_store, is_validation_file, load_default_corpus,
                             read_documents, resolve_sources)
+from llama_jax.distributed import process_zero_first
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.guard import Guard, GuardState, Rollback
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
@@ -46,7 +47,15 @@ class PretrainingData:
 
 
 def prepare_pretraining_data(config: RunConfig, run_dir: Path) -> PretrainingData:
-    """Token stores for training and validation: the default corpus, or `data.path` with `data.tokenizer`."""
+    """Token stores for training and validation: the default corpus, or `data.path` with `data.tokenizer`.
+
+    In a multi-process run process 0 trains the tokenizer and writes the stores first; the others then open them.
+    """
+    with process_zero_first("prepare_pretraining_data"):
+        return _prepare_pretraining_data(config, run_dir)
+
+
+def _prepare_pretraining_data(config: RunConfig, run_dir: Path) -> PretrainingData:
     vocab_size = config.model.vocab_size
     if config.data.path is None:
         tokenizer, train, valid = load_default_corpus(vocab_size)
