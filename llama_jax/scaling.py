@@ -206,8 +206,10 @@ def fit_profile(
 
     Raises ScalingFitError naming the budget when there are fewer than three model sizes, when the
     lowest loss is at the smallest or largest size (no interior minimum: the sweep does not bracket
-    the optimum), when the parabola opens downward, or when its vertex lies outside the sizes it was
-    fitted to.
+    the optimum), when the parabola opens downward, when its vertex lies outside the sizes it was
+    fitted to, or when the vertex is undetermined: its standard error (from the parabola's
+    residuals, with four or more sizes) spans more than the fitted sizes, as when the losses near
+    the minimum are flat within their run-to-run scatter.
     """
     where = f"IsoFLOP profile at budget C={budget:.3g}"
     if neighbours is not None and neighbours < 1:
@@ -254,6 +256,14 @@ def fit_profile(
             f"[{window[0]:.3g}, {window[1]:.3g}]; the losses there are not a valley (sample more sizes near the "
             "minimum)"
         )
+    log_params_stderr = _vertex_stderr(design, y, (curvature, slope, intercept))
+    if log_params_stderr > 0.5 * math.log(window[1] / window[0]):  # False for NaN (exactly three sizes)
+        raise ScalingFitError(
+            f"{where}: N_opt={optimal_params:.3g} is undetermined: its standard error (×/÷"
+            f"{math.exp(min(log_params_stderr, 700)):.3g}) spans more than the sizes fitted "
+            f"[{window[0]:.3g}, {window[1]:.3g}], because the losses around the minimum are flatter than their "
+            "scatter; repeat runs with other seeds or sample sizes further apart"
+        )
     return IsoFlopProfile(
         budget=float(budget),
         params=params,
@@ -265,7 +275,7 @@ def fit_profile(
         optimal_params=optimal_params,
         optimal_tokens=_tokens_at(params, tokens, optimal_params),
         optimal_loss=float(intercept - slope**2 / (4 * curvature)),
-        log_params_stderr=_vertex_stderr(design, y, (curvature, slope, intercept)),
+        log_params_stderr=log_params_stderr,
     )
 
 

@@ -266,6 +266,19 @@ def test_budget_without_an_interior_minimum_is_named_with_the_fix(losses, edge, 
         fit_profile(runs, 1e18)
 
 
+def test_a_minimum_flatter_than_the_scatter_is_reported_as_undetermined():
+    # Five sizes around a shallow minimum whose losses differ by less than their scatter (as at the CPU sweep's
+    # largest budget): the parabola's vertex exists, but its standard error spans more than the sizes fitted.
+    sizes_and_losses = ((13408, 2.3953), (21880, 2.4276), (27792, 2.3615), (39592, 2.3913), (53440, 2.3934))
+    runs = [RunResult(n, 1e18 / (6 * n), loss) for n, loss in sizes_and_losses]
+    with pytest.raises(ScalingFitError, match=r"C=1e\+18: N_opt=.* is undetermined: its standard error .* spans "
+                                              r"more than the sizes fitted \[1.34e\+04, 5.34e\+04\]"):
+        fit_profile(runs, 1e18)
+    # The same valley, deeper than the scatter, is measured.
+    deeper = [RunResult(n, 1e18 / (6 * n), loss + 0.5 * math.log(n / 2.8e4) ** 2) for n, loss in sizes_and_losses]
+    assert 1.34e4 < fit_profile(deeper, 1e18).optimal_params < 5.35e4
+
+
 def test_a_convex_fit_cannot_hide_a_minimum_at_the_edge():
     # A least-squares parabola through all four points opens upward with its vertex inside the sampled range
     # (N ≈ 1.5e9), but the lowest loss is at the largest size: the sweep has not bracketed the optimum, and no
