@@ -17,6 +17,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -39,7 +40,40 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], logical_axes: tuple[str, ...]
 
 def _dot(equation: str, x: Array, w: Array, dtype: jnp.dtype) -> Array:
     """Einsum with inputs in the compute dtype and float32 accumulation (much faster than bf16 out on CPU too)."""
-    return jnp.einsum(equation, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return mixed_einsum(equation, x, w, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def mixed_einsum(equation: str, x: Array, y: Array, dtype: jnp.dtype) -> Array:
+    """einsum(equation, x, y) with both inputs cast to `dtype`, accumulated and returned in float32.
+
+    The backward pass is written out so that its two products run in `dtype` as well: the incoming float32 cotangent
+    is rounded to `dtype` (as PyTorch's autocast does), and each gradient is accumulated in float32 and returned in
+    its input's dtype (a float32 weight gets a float32 gradient). Plain autodiff would multiply the float32
+    cotangent by a bfloat16 operand, which XLA:CPU runs as a float32 product at well under the bf16 rate, and would
+    round weight gradients to bfloat16 on their way back through the cast.
+    """
+    return jnp.einsum(equation, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_einsum_fwd(equation, x, y, dtype):
+    x_low, y_low = x.astype(dtype), y.astype(dtype)
+    out = jnp.einsum(equation, x_low, y_low, preferred_element_type=jnp.float32)
+    # Residuals in the compute dtype (half the bytes of float32); the input dtypes come back as zero-size arrays.
+    return out, (x_low, y_low, jnp.zeros((0,), x.dtype), jnp.zeros((0,), y.dtype))
+
+
+def _mixed_einsum_bwd(equation, dtype, residuals, grad):
+    x_low, y_low, x_like, y_like = residuals
+    inputs, out = equation.split("->")
+    x_spec, y_spec = inputs.split(",")
+    grad = grad.astype(dtype)
+    grad_x = jnp.einsum(f"{out},{y_spec}->{x_spec}", grad, y_low, preferred_element_type=jnp.float32)
+    grad_y = jnp.einsum(f"{x_spec},{out}->{y_spec}", x_low, grad, preferred_element_type=jnp.float32)
+    return grad_x.astype(x_like.dtype), grad_y.astype(y_like.dtype)
+
+
+mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
 # ── Normalisation ────────────────────────────────────────────────────────────────────────────────────────────────
@@ -113,10 +147,10 @@ def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     grouped = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("bskgd,btkd->bkgst", grouped, k, preferred_element_type=jnp.float32)
+    scores = mixed_einsum("bskgd,btkd->bkgst", grouped, k, q.dtype)
     scores = jnp.where(mask[:, None, None], scores / math.sqrt(head_dim), _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = mixed_einsum("bkgst,btkd->bskgd", probs, v, v.dtype)
     return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 

@@ -1,0 +1,99 @@
+"""The hand-written gradients (model.mixed_einsum, trainer.output_head_loss) against independent references:
+jax.grad of plain float64 code that shares nothing with the kernels but the maths."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax.model import mixed_einsum
+from llama_jax.trainer import output_head_loss
+
+
+def _relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize("equation, x_shape, y_shape", [
+    ("bsd,dhk->bshk", (2, 5, 8), (8, 3, 4)),  # q/k/v projections
+    ("bshk,hkd->bsd", (2, 5, 3, 4), (3, 4, 8)),  # output projection
+    ("bsd,vd->bsv", (2, 5, 8), (11, 8)),  # tied output head
+    ("bskgd,btkd->bkgst", (2, 5, 2, 3, 4), (2, 6, 2, 4)),  # grouped attention scores (batch dims)
+    ("bkgst,btkd->bskgd", (2, 2, 3, 5, 6), (2, 6, 2, 4)),  # attention values
+])
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_mixed_einsum_value_and_gradients_match_float64(equation, x_shape, y_shape, dtype, tolerance):
+    keys = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(keys[0], x_shape, jnp.float32)
+    y = jax.random.normal(keys[1], y_shape, jnp.float32)
+    out_shape = jax.eval_shape(lambda a, b: jnp.einsum(equation, a, b), x, y).shape
+    cotangent = jax.random.normal(keys[2], out_shape, jnp.float32)
+
+    value, grads = jax.value_and_grad(lambda a, b: jnp.sum(mixed_einsum(equation, a, b, jnp.dtype(dtype))
+                                                           * cotangent), argnums=(0, 1))(x, y)
+    with jax.enable_x64(True):
+        x64, y64, c64 = (jnp.asarray(np.asarray(t), jnp.float64) for t in (x, y, cotangent))
+        ref_value, ref_grads = jax.value_and_grad(lambda a, b: jnp.sum(jnp.einsum(equation, a, b) * c64),
+                                                  argnums=(0, 1))(x64, y64)
+        ref_value, ref_grads = np.asarray(ref_value), [np.asarray(g) for g in ref_grads]
+    assert abs(float(value) - float(ref_value)) <= tolerance * max(1.0, abs(float(ref_value))) * 10
+    for grad, ref, primal in zip(grads, ref_grads, (x, y)):
+        assert grad.dtype == primal.dtype and grad.shape == primal.shape
+        assert _relative_error(grad, ref) < tolerance
+
+
+def test_mixed_einsum_gradient_keeps_a_bfloat16_input_bfloat16():
+    x = jnp.ones((2, 3, 4), jnp.bfloat16)
+    w = jnp.ones((4, 5), jnp.float32)
+    grad_x, grad_w = jax.grad(lambda a, b: jnp.sum(mixed_einsum("bsd,dv->bsv", a, b, jnp.dtype(jnp.bfloat16))),
+                              argnums=(0, 1))(x, w)
+    assert grad_x.dtype == jnp.bfloat16 and grad_w.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(grad_w), np.full((4, 5), 6.0))
+
+
+def _reference_head_loss(hidden, head, targets, weights, layout):
+    """Plain float64 cross-entropy of the whole [batch, seq, vocab] logits, no chunks."""
+    logits = jnp.einsum("bsd,dv->bsv" if layout == "dv" else "bsd,vd->bsv", hidden, head)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    token_loss = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(token_loss * weights), jnp.sum(weights)
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("length, chunk", [(12, 4), (12, 12), (10, 5)])
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
+def test_output_head_loss_value_and_gradients_match_float64(layout, length, chunk, dtype, tolerance):
+    batch, dim, vocab = 3, 16, 37
+    keys = jax.random.split(jax.random.key(2), 4)
+    hidden = jax.random.normal(keys[0], (batch, length, dim), jnp.float32).astype(dtype)
+    head_shape = (dim, vocab) if layout == "dv" else (vocab, dim)
+    head = 0.5 * jax.random.normal(keys[1], head_shape, jnp.float32)
+    targets = jax.random.randint(keys[2], (batch, length), 0, vocab, jnp.int32)
+    weights = (jax.random.uniform(keys[3], (batch, length)) > 0.3).astype(jnp.float32)  # some tokens not counted
+    scale = 0.37  # a cotangent other than 1 must scale both gradients
+
+    def loss(h, w):
+        total, count = output_head_loss(h, w, targets, weights, layout, jnp.dtype(dtype), chunk)
+        return scale * total, count
+
+    (value, count), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, head)
+    with jax.enable_x64(True):
+        h64, w64 = (jnp.asarray(np.asarray(t, np.float64)) for t in (hidden, head))
+        t64, m64 = jnp.asarray(np.asarray(targets)), jnp.asarray(np.asarray(weights, np.float64))
+
+        def ref_loss(h, w):
+            total, ref_count = _reference_head_loss(h, w, t64, m64, layout)
+            return scale * total, ref_count
+
+        (ref_value, ref_count), ref_grads = jax.value_and_grad(ref_loss, argnums=(0, 1), has_aux=True)(h64, w64)
+        ref_value, ref_count, ref_grads = float(ref_value), float(ref_count), [np.asarray(g) for g in ref_grads]
+    assert float(count) == ref_count == float(np.sum(np.asarray(weights)))
+    assert abs(float(value) - ref_value) <= tolerance * abs(ref_value)
+    assert grads[0].dtype == hidden.dtype and grads[1].dtype == jnp.float32
+    for grad, ref in zip(grads, ref_grads):
+        assert _relative_error(grad, ref) < tolerance
+    # Without differentiation the same function gives the same value.
+    total, _ = output_head_loss(hidden, head, targets, weights, layout, jnp.dtype(dtype), chunk)
+    assert float(scale * total) == pytest.approx(float(value), rel=1e-6)
