@@ -852,7 +852,10 @@ def _loss_vs_flops_figure(results, isoflop_fit, parametric_fit):
     flops = np.geomspace(min(r.flops for r in results), max(r.flops for r in results), 100)
     if parametric_fit is not None:
         params, tokens = parametric_optimum(parametric_fit.parameters(), flops)
-        axes.plot(flops, parametric_fit.predict(params, tokens), "k--", label="parametric fit: compute-optimal loss")
+        # The closed-form optimum spends C as 6ND; where a run's real FLOPs per token exceed 6N (a large output
+        # head, attention), this curve lies below what the budget buys, and the legend says so.
+        axes.plot(flops, parametric_fit.predict(params, tokens), "k--",
+                  label="parametric fit: compute-optimal loss if C = 6ND")
     if isoflop_fit is not None:
         axes.plot([p.budget for p in isoflop_fit.profiles], [p.optimal_loss for p in isoflop_fit.profiles],
                   "r*", markersize=12, label="IsoFLOP minima")
