@@ -142,31 +142,72 @@ class AttentionMask(NamedTuple):
         return causal & same_segment  # [batch, q_len, kv_len]
 
 
+@jax.custom_vjp
 def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Softmax(q·kᵀ/√d) v for grouped queries: q [b, s, heads, d], k/v [b, t, kv_heads, d], mask [b, s, t]."""
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    grouped = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scores = mixed_einsum("bskgd,btkd->bkgst", grouped, k, q.dtype)
-    scores = jnp.where(mask[:, None, None], scores / math.sqrt(head_dim), _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = mixed_einsum("bkgst,btkd->bskgd", probs, v, v.dtype)
-    return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+    """Softmax(q·kᵀ/√d) v for grouped queries: q [b, s, heads, d], k/v [b, t, kv_heads, d], mask [b, s, t].
+
+    Differentiated, it keeps only its inputs, its output and each query's log-normaliser, not the [s, t]
+    probabilities; the backward pass recomputes the scores once and uses the log-normaliser in place of a softmax
+    (the flash-attention backward, here per block of queries).
+    """
+    return _attend_forward(q, k, v, mask)[0]
+
+
+def _grouped(x: Array, kv_heads: int) -> Array:
+    """[b, s, heads, d] → [b, s, kv_heads, heads per kv head, d]."""
+    batch, length, heads, head_dim = x.shape
+    return x.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+
+
+def _masked_scores(q: Array, k: Array, mask: Array) -> Array:
+    """Scaled float32 scores [b, kv_heads, group, s, t], masked entries at the float32 minimum."""
+    scores = jnp.einsum("bskgd,btkd->bkgst", _grouped(q, k.shape[2]), k, preferred_element_type=jnp.float32)
+    return jnp.where(mask[:, None, None], scores * (1.0 / math.sqrt(q.shape[-1])), _MASKED)
+
+
+def _attend_forward(q: Array, k: Array, v: Array, mask: Array) -> tuple[Array, Array]:
+    scores = _masked_scores(q, k, mask)
+    log_normaliser = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+    probs = jnp.exp(scores - log_normaliser)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(q.shape).astype(q.dtype), log_normaliser
+
+
+def _attend_fwd(q, k, v, mask):
+    out, log_normaliser = _attend_forward(q, k, v, mask)
+    return out, (q, k, v, mask, out, log_normaliser)
+
+
+def _attend_bwd(residuals, grad_out):
+    q, k, v, mask, out, log_normaliser = residuals
+    kv_heads, dtype = k.shape[2], q.dtype
+    probs = jnp.exp(_masked_scores(q, k, mask) - log_normaliser)  # [b, k, g, s, t]
+    grad_out = _grouped(grad_out.astype(dtype), kv_heads)
+    grad_v = jnp.einsum("bkgst,bskgd->btkd", probs.astype(dtype), grad_out, preferred_element_type=jnp.float32)
+    grad_probs = jnp.einsum("bskgd,btkd->bkgst", grad_out, v, preferred_element_type=jnp.float32)
+    # softmax backward: dS = P ⊙ (dP − rowsum(dO ⊙ O)); then the 1/√d of the scores.
+    row_dot = jnp.einsum("bskgd,bskgd->bkgs", grad_out.astype(jnp.float32),
+                         _grouped(out, kv_heads).astype(jnp.float32))
+    grad_scores = (probs * (grad_probs - row_dot[..., None]) * (1.0 / math.sqrt(q.shape[-1]))).astype(dtype)
+    grad_q = jnp.einsum("bkgst,btkd->bskgd", grad_scores, k, preferred_element_type=jnp.float32)
+    grad_k = jnp.einsum("bkgst,bskgd->btkd", grad_scores, _grouped(q, kv_heads), preferred_element_type=jnp.float32)
+    return (grad_q.reshape(q.shape).astype(q.dtype), grad_k.astype(k.dtype), grad_v.astype(v.dtype), None)
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def attend_in_chunks(q: Array, k: Array, v: Array, mask: AttentionMask, chunk: int) -> Array:
     """Causal self-attention one block of queries at a time, never holding the full [s, s] score matrix.
 
     A query block [start, end) only needs keys [0, end), so the masked upper triangle is skipped entirely (about half
-    the FLOPs of dense attention), and each block is rematerialised in the backward pass instead of storing its
-    probabilities.
+    the FLOPs of dense attention); `attend`'s backward pass recomputes each block's scores instead of storing them.
     """
     outputs = []
     for start in range(0, q.shape[1], chunk):
         end = min(start + chunk, q.shape[1])
         block_mask = mask.dense(slice(start, end), slice(0, end))
-        block = jax.checkpoint(attend)(q[:, start:end], k[:, :end], v[:, :end], block_mask)
-        outputs.append(block)
+        outputs.append(attend(q[:, start:end], k[:, :end], v[:, :end], block_mask))
     return jnp.concatenate(outputs, axis=1)
 
 

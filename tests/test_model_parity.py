@@ -22,6 +22,7 @@ CASES = {
                                                  rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16)),
     "tied-embeddings": dataclasses.replace(BASE, n_kv_heads=4, tie_embeddings=True),
     "chunked-attention": dataclasses.replace(BASE, n_kv_heads=2, attention_impl="chunked", attention_chunk=16),
+    "chunked-attention-uneven": dataclasses.replace(BASE, n_kv_heads=2, attention_impl="chunked", attention_chunk=20),
 }
 SEQ_LEN = 48
 
