@@ -1,7 +1,7 @@
 """Does SFT really teach? Pretrain a tiny Llama, fine-tune it on a chat task whose answers can be checked exactly,
 and measure exact-match accuracy before and after with `eval.generate` — all through the public programs.
 
-    python -m scripts.sft_experiment --out runs/sft-exp [--pretrain train.steps=150 ...] [--sft sft.epochs=4 ...]
+    python -m scripts.sft_experiment --out runs/sft-exp [--pretrain train.steps=150 ...] [--sft sft.epochs=8 ...]
 
 The task: "Repeat after me: w1 w2 w3 w4" → "w1 w2 w3 w4", words drawn from a fixed list; the test prompts are word
 sequences never seen in training, so a model must learn to copy, not memorise. A pretrained model continues the
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -57,9 +58,11 @@ def run(args: Sequence[str]) -> str:
     return result.stdout
 
 
-def exact_match(model: Path, tokenizer: Path, prompts: Path, answers: list[str]) -> float:
+def exact_match(model: Path, tokenizer: Path, prompts: Path, answers: list[str], record: Path) -> float:
+    """The share of completions equal to the answer (whitespace-stripped); every completion is kept in `record`."""
     output = run(["eval.generate", "--model", str(model), "--tokenizer", str(tokenizer), "--prompts", str(prompts),
                   "--chat-format", "llama2", "--max-new-tokens", "24", "--batch-size", "16", "--json"])
+    record.write_text(output)
     completions = [json.loads(line)["completion"] for line in output.splitlines() if line.strip()]
     assert len(completions) == len(answers), (len(completions), len(answers))
     return sum(got.strip() == want for got, want in zip(completions, answers)) / len(answers)
@@ -71,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--base-config", default="configs/tiny.yaml")
     parser.add_argument("--pretrain", nargs="*", default=["train.steps=150", "train.seq_len=128"],
                         help="overrides for train.pretrain")
-    parser.add_argument("--sft", nargs="*", default=["sft.epochs=4", "optimizer.lr=1e-3", "optimizer.warmup_steps=20",
+    parser.add_argument("--sft", nargs="*", default=["sft.epochs=8", "optimizer.lr=1e-3", "optimizer.warmup_steps=20",
                                                      "train.batch_size=16", "train.seq_len=128"],
                         help="overrides for train.sft")
     parser.add_argument("--train-size", type=int, default=4000)
@@ -97,11 +100,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         timed("pretrain", run, ["train.pretrain", args.base_config, f"run_dir={pretrain_dir}", *args.pretrain])
     tokenizer = pretrain_dir / "tokenizer.model"  # train.pretrain keeps its tokenizer in the run directory
     train_path, test_path, answers = make_task(args.out, args.train_size, args.test_size, args.seed)
-    before = timed("eval_before", exact_match, pretrain_dir, tokenizer, test_path, answers)
+    before = timed("eval_before", exact_match, pretrain_dir, tokenizer, test_path, answers,
+                   args.out / "completions_before.jsonl")
     print(f"exact match before SFT: {before:.1%}", file=sys.stderr, flush=True)
+    if sft_dir.exists():  # train.sft would resume it; the experiment always fine-tunes the pretrained model afresh
+        shutil.rmtree(sft_dir)
     timed("sft", run, ["train.sft", args.base_config, f"run_dir={sft_dir}", f"init_from={pretrain_dir}",
                        f"data.path={train_path}", f"data.tokenizer={tokenizer}", *args.sft])
-    after = timed("eval_after", exact_match, sft_dir, tokenizer, test_path, answers)
+    after = timed("eval_after", exact_match, sft_dir, tokenizer, test_path, answers,
+                  args.out / "completions_after.jsonl")
     result = {"exact_match_before": before, "exact_match_after": after, "train_conversations": args.train_size,
               "test_prompts": len(answers), "pretrain_overrides": args.pretrain, "sft_overrides": args.sft,
               "reused_pretrain": args.reuse_pretrain, "seconds": seconds,
