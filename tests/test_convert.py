@@ -370,7 +370,7 @@ def test_run_directory_reads_newest_complete_step(case):
     assert step.config == model.config
 
 
-def test_run_directory_written_by_orbax_checkpoint_manager(case, tmp_path):
+def test_run_directory_written_by_orbax_checkpoint_manager(case, tmp_path, monkeypatch):
     """The trainer's way of writing: a CheckpointManager step with a `params` item of sharded jax.Arrays."""
     import orbax.checkpoint as ocp
     from llama_jax.sharding import make_mesh
@@ -387,6 +387,8 @@ def test_run_directory_written_by_orbax_checkpoint_manager(case, tmp_path):
     manager.close()
     assert native.latest_run_checkpoint(tmp_path / "run")[0] == 7
     np.testing.assert_allclose(our_logits(llama_jax.load(tmp_path / "run")), expected, atol=1e-4, rtol=0)
+    monkeypatch.chdir(tmp_path)  # a relative path, as in the README's examples
+    np.testing.assert_allclose(our_logits(llama_jax.load("run")), expected, atol=1e-4, rtol=0)
     convert.convert(tmp_path / "run", tmp_path / "hf", "hf")  # a layer at a time, from the sharded arrays' files
     assert_same_bytes(hf_tensors(hf_dir), hf_tensors(tmp_path / "hf"))
 

@@ -114,6 +114,7 @@ def latest_run_checkpoint(run_dir: str | Path) -> tuple[int, Path]:
 
 def _tree_metadata(params_dir: Path) -> Any:
     """Orbax's metadata of a checkpoint (a TreeMetadata), without reading any array."""
+    params_dir = Path(params_dir).absolute()  # under a relative path Orbax finds no metadata and returns None
     if not (params_dir / "_METADATA").is_file():
         raise ConversionError(f"{params_dir} is not a complete Orbax checkpoint (no _METADATA)")
     try:
