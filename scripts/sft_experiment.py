@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/sft-experiment"))
     parser.add_argument("--base-config", default="configs/tiny.yaml")
-    parser.add_argument("--pretrain", nargs="*", default=["train.steps=150", "train.seq_len=128"],
+    parser.add_argument("--pretrain", nargs="*", default=["train.steps=150", "train.seq_len=128", "train.batch_size=16",
+                                                          "optimizer.lr=3e-3", "optimizer.warmup_steps=30"],
                         help="overrides for train.pretrain")
     parser.add_argument("--sft", nargs="*", default=["sft.epochs=8", "optimizer.lr=1e-3", "optimizer.warmup_steps=20",
                                                      "train.batch_size=16", "train.seq_len=128"],
