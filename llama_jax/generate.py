@@ -37,7 +37,7 @@ from flax import nnx
 
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
-from llama_jax.model import AttentionMask, LayerInputs, Llama, Rotary, _dot, rope_frequencies
+from llama_jax.model import AttentionMask, LayerInputs, Llama, Rotary, output_head, rope_frequencies
 
 Array = jax.Array
 FinishReason = Literal["stop", "length"]
@@ -207,9 +207,7 @@ def _forward(arch: Architecture, weights: DecodeWeights, tokens: Array, position
     batch, length = tokens.shape
     start = cache.index
     slots = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
-    cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, start))
-    cache_slots = jnp.broadcast_to(jnp.arange(cache_segments.shape[1], dtype=jnp.int32), cache_segments.shape)
-    mask = AttentionMask(slots, segment_ids, cache_slots, cache_segments)
+    mask = AttentionMask.into_cache(slots, segment_ids, cache.segment_ids, start)
     inputs = LayerInputs(Rotary.at(positions, rope_frequencies(config)), mask, start)
     x = jnp.take(weights.embedding, tokens, axis=0).astype(config.dtype)
     layer_caches = []
@@ -217,15 +215,12 @@ def _forward(arch: Architecture, weights: DecodeWeights, tokens: Array, position
         x, layer_cache = nnx.merge(arch.block, layer_weights)(x, inputs, layer_cache)
         layer_caches.append(layer_cache)
     hidden = nnx.merge(arch.norm, weights.final_norm)(x)
-    return hidden, LayerCache(tuple(layer_caches), cache_segments, start + length)
+    return hidden, LayerCache(tuple(layer_caches), mask.key_segments, start + length)
 
 
 def _logits(arch: Architecture, weights: DecodeWeights, hidden: Array) -> Array:
     """Llama.logits: the output head, float32 logits."""
-    dtype = jnp.dtype(arch.config.dtype)
-    if weights.output is None:
-        return _dot("bsd,vd->bsv", hidden, weights.embedding, dtype)
-    return _dot("bsd,dv->bsv", hidden, weights.output, dtype)
+    return output_head(hidden, weights.embedding, weights.output, arch.config.dtype)
 
 
 # ── Prefill and decode steps ─────────────────────────────────────────────────────────────────────────────────────

@@ -141,6 +141,14 @@ class AttentionMask(NamedTuple):
         same_segment = k_segments[:, None, :] == q_segments[:, :, None]
         return causal & same_segment  # [batch, q_len, kv_len]
 
+    @classmethod
+    def into_cache(cls, slots: Array, segment_ids: Array, cache_segments: Array, start: Array) -> "AttentionMask":
+        """New tokens at `slots` (their segment ids written into the cache from slot `start`) against every slot of
+        a cache whose slots hold `cache_segments` [batch, max_len] (0 = empty)."""
+        key_segments = jax.lax.dynamic_update_slice(cache_segments, segment_ids, (0, start))
+        key_slots = jnp.broadcast_to(jnp.arange(key_segments.shape[1], dtype=jnp.int32), key_segments.shape)
+        return cls(slots, segment_ids, key_slots, key_segments)
+
 
 @jax.custom_vjp
 def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -314,6 +322,14 @@ REMAT_POLICIES = {
 
 
 # ── The model ────────────────────────────────────────────────────────────────────────────────────────────────────
+def output_head(hidden: Array, embedding: Array, output: Array | None, dtype: str) -> Array:
+    """Float32 logits [batch, seq, vocab] of hidden [batch, seq, dim]: through `output` [dim, vocab], or through the
+    embedding table [vocab, dim] when the head is tied to it (`output` None)."""
+    if output is None:
+        return _dot("bsd,vd->bsv", hidden, embedding, jnp.dtype(dtype))
+    return _dot("bsd,dv->bsv", hidden, output, jnp.dtype(dtype))
+
+
 class Llama(nnx.Module):
     """Call on int32 token ids [batch, seq] to get float32 logits [batch, seq, vocab]."""
 
@@ -356,9 +372,7 @@ class Llama(nnx.Module):
         if cache is None:
             mask = AttentionMask(slots, segment_ids, slots, segment_ids)
         else:
-            cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, start))
-            cache_slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (batch, cache.max_len))
-            mask = AttentionMask(slots, segment_ids, cache_slots, cache_segments)
+            mask = AttentionMask.into_cache(slots, segment_ids, cache.segment_ids, start)
         inputs = LayerInputs(Rotary.at(positions, rope_frequencies(config)), mask, None if cache is None else start)
 
         # Gather from a table split over vocab only (FSDP gathers every weight before use anyway); gathering from
@@ -375,10 +389,8 @@ class Llama(nnx.Module):
 
     def logits(self, hidden: Array) -> Array:
         """The output head, float32 logits [..., vocab]."""
-        dtype = jnp.dtype(self.config.dtype)
-        if self.output is None:
-            return _dot("bsd,vd->bsv", hidden, self.embedding[...], dtype)
-        return _dot("bsd,dv->bsv", hidden, self.output[...], dtype)
+        return output_head(hidden, self.embedding[...], None if self.output is None else self.output[...],
+                           self.config.dtype)
 
     def _run_blocks(self, x: Array, inputs: LayerInputs, layer_caches):
         policy = self.config.remat_policy

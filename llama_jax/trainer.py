@@ -265,8 +265,8 @@ def _head_loss_scan(hidden, head, targets, weights, layout, dtype, chunk, *, wit
         logits = jnp.einsum(logits_eq, hidden_low, head_low, preferred_element_type=jnp.float32)
         log_normaliser = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0]
-        loss, weight = carry[0] + jnp.sum((log_normaliser - target_logit) * weight_chunk), carry[1] + jnp.sum(
-            weight_chunk)
+        loss = carry[0] + jnp.sum((log_normaliser - target_logit) * weight_chunk)
+        weight = carry[1] + jnp.sum(weight_chunk)
         if not with_grads:
             return (loss, weight), None
         probs = jnp.exp(logits - log_normaliser[..., None])
