@@ -61,7 +61,7 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype; parameters, softmax, norm statistics, logits and loss stay float32
     remat_policy: str = "full"
     attention_impl: str = "auto"  # dense materialises [B, H, S, S] scores; chunked never does; auto picks by length
-    attention_chunk: int = 512
+    attention_chunk: int = 256  # query block of the chunked path: 256 measured faster than 512 and 128 on CPU
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", "attention_chunk"):

@@ -157,28 +157,38 @@ def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
     Differentiated, it keeps only its inputs, its output and each query's log-normaliser, not the [s, t]
     probabilities; the backward pass recomputes the scores once and uses the log-normaliser in place of a softmax
     (the flash-attention backward, here per block of queries).
+
+    Layouts are chosen for the CPU's matrix multiplies: the forward pass holds scores query-major [b, kv, s, g, t]
+    and the backward pass key-major [b, kv, t, s, g], so that every product with the big score-shaped block
+    contracts its last axes (t for P·V; s, g for dV = Pᵀ·dO and dK = dSᵀ·Q); only dQ = dS·K contracts over the
+    block's leading axis. Query-major in the backward pass would put two products (dV, dK) in that position.
     """
     return _attend_forward(q, k, v, mask)[0]
 
 
-def _grouped(x: Array, kv_heads: int) -> Array:
-    """[b, s, heads, d] → [b, s, kv_heads, heads per kv head, d]."""
+def _heads_major(x: Array, kv_heads: int) -> Array:
+    """[b, s, heads, d] → [b, kv_heads, s, heads per kv head, d] (query head h = kv head · group + g)."""
     batch, length, heads, head_dim = x.shape
-    return x.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    return jnp.transpose(x.reshape(batch, length, kv_heads, heads // kv_heads, head_dim), (0, 2, 1, 3, 4))
 
 
-def _masked_scores(q: Array, k: Array, mask: Array) -> Array:
-    """Scaled float32 scores [b, kv_heads, group, s, t], masked entries at the float32 minimum."""
-    scores = jnp.einsum("bskgd,btkd->bkgst", _grouped(q, k.shape[2]), k, preferred_element_type=jnp.float32)
-    return jnp.where(mask[:, None, None], scores * (1.0 / math.sqrt(q.shape[-1])), _MASKED)
+def _from_heads_major(x: Array) -> Array:
+    """[b, kv_heads, s, g, d] → [b, s, heads, d]."""
+    batch, kv_heads, length, group, head_dim = x.shape
+    return jnp.transpose(x, (0, 2, 1, 3, 4)).reshape(batch, length, kv_heads * group, head_dim)
 
 
 def _attend_forward(q: Array, k: Array, v: Array, mask: Array) -> tuple[Array, Array]:
-    scores = _masked_scores(q, k, mask)
-    log_normaliser = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
-    probs = jnp.exp(scores - log_normaliser)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(q.shape).astype(q.dtype), log_normaliser
+    kv_heads, scale = k.shape[2], 1.0 / math.sqrt(q.shape[-1])
+    keys, values = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # [b, kv, t, d]
+    scores = jnp.einsum("bksgd,bktd->bksgt", _heads_major(q, kv_heads), keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, :, None, :], scores * scale, _MASKED)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    probs = jnp.exp(scores - row_max)  # unnormalised; dividing the [.., d] output instead is t/d times cheaper
+    row_sum = jnp.sum(probs, axis=-1, keepdims=True)
+    out = jnp.einsum("bksgt,bktd->bksgd", probs.astype(v.dtype), values, preferred_element_type=jnp.float32)
+    log_normaliser = (row_max + jnp.log(row_sum))[..., 0]  # [b, kv, s, g]
+    return _from_heads_major(out / row_sum).astype(q.dtype), log_normaliser
 
 
 def _attend_fwd(q, k, v, mask):
@@ -188,18 +198,24 @@ def _attend_fwd(q, k, v, mask):
 
 def _attend_bwd(residuals, grad_out):
     q, k, v, mask, out, log_normaliser = residuals
-    kv_heads, dtype = k.shape[2], q.dtype
-    probs = jnp.exp(_masked_scores(q, k, mask) - log_normaliser)  # [b, k, g, s, t]
-    grad_out = _grouped(grad_out.astype(dtype), kv_heads)
-    grad_v = jnp.einsum("bkgst,bskgd->btkd", probs.astype(dtype), grad_out, preferred_element_type=jnp.float32)
-    grad_probs = jnp.einsum("bskgd,btkd->bkgst", grad_out, v, preferred_element_type=jnp.float32)
+    kv_heads, dtype, scale = k.shape[2], q.dtype, 1.0 / math.sqrt(q.shape[-1])
+    queries, grad_out = _heads_major(q, kv_heads), _heads_major(grad_out.astype(dtype), kv_heads)
+    keys, values = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+    # Key-major [b, kv, t, s, g]: Pᵀ from the scores and the saved log-normaliser, masked entries exactly 0.
+    scores_t = jnp.einsum("bktd,bksgd->bktsg", keys, queries, preferred_element_type=jnp.float32)
+    allowed_t = jnp.swapaxes(mask, 1, 2)[:, None, :, :, None]
+    probs_t = jnp.where(allowed_t, jnp.exp(scores_t * scale - log_normaliser[:, :, None]), 0.0)
+    grad_v = jnp.einsum("bktsg,bksgd->bktd", probs_t.astype(dtype), grad_out, preferred_element_type=jnp.float32)
+    grad_probs_t = jnp.einsum("bktd,bksgd->bktsg", values, grad_out, preferred_element_type=jnp.float32)
     # softmax backward: dS = P ⊙ (dP − rowsum(dO ⊙ O)); then the 1/√d of the scores.
-    row_dot = jnp.einsum("bskgd,bskgd->bkgs", grad_out.astype(jnp.float32),
-                         _grouped(out, kv_heads).astype(jnp.float32))
-    grad_scores = (probs * (grad_probs - row_dot[..., None]) * (1.0 / math.sqrt(q.shape[-1]))).astype(dtype)
-    grad_q = jnp.einsum("bkgst,btkd->bskgd", grad_scores, k, preferred_element_type=jnp.float32)
-    grad_k = jnp.einsum("bkgst,bskgd->btkd", grad_scores, _grouped(q, kv_heads), preferred_element_type=jnp.float32)
-    return (grad_q.reshape(q.shape).astype(q.dtype), grad_k.astype(k.dtype), grad_v.astype(v.dtype), None)
+    row_dot = jnp.sum(grad_out.astype(jnp.float32) * _heads_major(out, kv_heads).astype(jnp.float32), axis=-1)
+    grad_scores_t = (probs_t * (grad_probs_t - row_dot[:, :, None]) * scale).astype(dtype)
+    grad_k = jnp.einsum("bktsg,bksgd->bktd", grad_scores_t, queries, preferred_element_type=jnp.float32)
+    # (As dQᵀ = Kᵀ·dSᵀ no score-sized transpose would be needed, but XLA:CPU then has no bf16 kernel for it.)
+    grad_q = _from_heads_major(jnp.einsum("bktsg,bktd->bksgd", grad_scores_t, keys,
+                                          preferred_element_type=jnp.float32))
+    return (grad_q.astype(q.dtype), jnp.transpose(grad_k, (0, 2, 1, 3)).astype(k.dtype),
+            jnp.transpose(grad_v, (0, 2, 1, 3)).astype(v.dtype), None)
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)

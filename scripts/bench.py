@@ -458,7 +458,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps per side first (default 2)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--remat", choices=("full", "save_dots", "save_attention_out", "none"), default="full")
-    parser.add_argument("--attention-chunk", type=int, default=None, help="model.attention_chunk (default 512)")
+    parser.add_argument("--attention-chunk", type=int, default=None, help="model.attention_chunk (default 256)")
     parser.add_argument("--attention-impl", choices=("auto", "dense", "chunked"), default=None)
     parser.add_argument("--loss-chunk", type=int, default=None,
                         help="override trainer.LOSS_CHUNK (sequence positions per output-head chunk)")
