@@ -57,8 +57,7 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     except TokenizerError as error:
         hint = "" if args.tokenizer else " (pass --tokenizer PATH)"
         raise TokenizerError(f"{error}{hint}") from None
-    # An absolute path: Orbax reads no checkpoint metadata under a relative one (a run directory would not load).
-    model = llama_jax.load(Path(args.model).absolute(), dtype=args.dtype)
+    model = llama_jax.load(args.model, dtype=args.dtype)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TokenizerError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model only "
                              f"{model.config.vocab_size}: they do not belong together")

@@ -47,8 +47,7 @@ def main(argv: Sequence[str]) -> int:
     if config.data.path is None:
         raise ConfigError("data.path is required: chat JSONL, one {\"messages\": [...]} conversation per line")
 
-    # An absolute path: Orbax reads no checkpoint metadata under a relative one (a run directory would not load).
-    pretrained = llama_jax.load(Path(config.init_from).absolute())
+    pretrained = llama_jax.load(config.init_from)
     tokenizer = _tokenizer(config)
     model_config = dataclasses.replace(pretrained.config, **{name: getattr(config.model, name)
                                                              for name in COMPUTE_FIELDS})
