@@ -178,11 +178,19 @@ def _from_heads_major(x: Array) -> Array:
     return jnp.transpose(x, (0, 2, 1, 3, 4)).reshape(batch, length, kv_heads * group, head_dim)
 
 
+def _per_layer(q: Array, mask: Array) -> tuple[Array, Array, Array]:
+    """The mask and the masked-score value, tied to this layer's queries. Both are the same in every layer, so XLA
+    would hoist their broadcasts to the score block's shape out of the loop over layers and then read them from
+    memory (at 4K context, 2 GiB of float32 fill values per step); tied, they stay fused into the masking."""
+    return jax.lax.optimization_barrier((q, mask, jnp.float32(_MASKED)))
+
+
 def _attend_forward(q: Array, k: Array, v: Array, mask: Array) -> tuple[Array, Array]:
     kv_heads, scale = k.shape[2], 1.0 / math.sqrt(q.shape[-1])
+    q, mask, masked_score = _per_layer(q, mask)
     keys, values = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # [b, kv, t, d]
     scores = jnp.einsum("bksgd,bktd->bksgt", _heads_major(q, kv_heads), keys, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, :, None, :], scores * scale, _MASKED)
+    scores = jnp.where(mask[:, None, :, None, :], scores * scale, masked_score)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     probs = jnp.exp(scores - row_max)  # unnormalised; dividing the [.., d] output instead is t/d times cheaper
     row_sum = jnp.sum(probs, axis=-1, keepdims=True)
@@ -193,11 +201,24 @@ def _attend_forward(q: Array, k: Array, v: Array, mask: Array) -> tuple[Array, A
 
 def _attend_fwd(q, k, v, mask):
     out, log_normaliser = _attend_forward(q, k, v, mask)
+    out, log_normaliser = _saveable(out, log_normaliser)
     return out, (q, k, v, mask, out, log_normaliser)
+
+
+def _saveable(out: Array, log_normalisers):
+    """Names the residuals the backward pass needs besides q, k, v, for the `save_attention_out` remat policy."""
+    return checkpoint_name(out, "attention_out"), jax.tree.map(
+        lambda x: checkpoint_name(x, "attention_log_normaliser"), log_normalisers)
 
 
 def _attend_bwd(residuals, grad_out):
     q, k, v, mask, out, log_normaliser = residuals
+    grads = _attend_grads(q, k, v, mask, out, log_normaliser, grad_out)
+    return (*(grad.astype(x.dtype) for grad, x in zip(grads, (q, k, v))), None)
+
+
+def _attend_grads(q, k, v, mask, out, log_normaliser, grad_out) -> tuple[Array, Array, Array]:
+    """dq, dk, dv (float32) of `attend`, from its inputs, output and log-normaliser (the flash-attention backward)."""
     kv_heads, dtype, scale = k.shape[2], q.dtype, 1.0 / math.sqrt(q.shape[-1])
     queries, grad_out = _heads_major(q, kv_heads), _heads_major(grad_out.astype(dtype), kv_heads)
     keys, values = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
@@ -211,28 +232,62 @@ def _attend_bwd(residuals, grad_out):
     row_dot = jnp.sum(grad_out.astype(jnp.float32) * _heads_major(out, kv_heads).astype(jnp.float32), axis=-1)
     grad_scores_t = (probs_t * (grad_probs_t - row_dot[:, :, None]) * scale).astype(dtype)
     grad_k = jnp.einsum("bktsg,bksgd->bktd", grad_scores_t, queries, preferred_element_type=jnp.float32)
-    # (As dQᵀ = Kᵀ·dSᵀ no score-sized transpose would be needed, but XLA:CPU then has no bf16 kernel for it.)
-    grad_q = _from_heads_major(jnp.einsum("bktsg,bktd->bksgd", grad_scores_t, keys,
-                                          preferred_element_type=jnp.float32))
-    return (grad_q.astype(q.dtype), jnp.transpose(grad_k, (0, 2, 1, 3)).astype(k.dtype),
-            jnp.transpose(grad_v, (0, 2, 1, 3)).astype(v.dtype), None)
+    # dQᵀ = Kᵀ·dS with Kᵀ [b, kv, d, t] transposed beforehand (it is small) and kept so by the barrier: XLA would
+    # otherwise fold the transpose into the product, which then reads the score-sized block transposed (2.4× slower).
+    keys_t = jax.lax.optimization_barrier(jnp.swapaxes(keys, 2, 3))
+    grad_q_t = jnp.einsum("bkdt,bktsg->bkdsg", keys_t, grad_scores_t, preferred_element_type=jnp.float32)
+    grad_q = _from_heads_major(jnp.transpose(grad_q_t, (0, 1, 3, 4, 2)))
+    return grad_q, jnp.transpose(grad_k, (0, 2, 1, 3)), jnp.transpose(grad_v, (0, 2, 1, 3))
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+def _query_blocks(length: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def attend_in_chunks(q: Array, k: Array, v: Array, mask: AttentionMask, chunk: int) -> Array:
     """Causal self-attention one block of queries at a time, never holding the full [s, s] score matrix.
 
     A query block [start, end) only needs keys [0, end), so the masked upper triangle is skipped entirely (about half
-    the FLOPs of dense attention); `attend`'s backward pass recomputes each block's scores instead of storing them.
+    the FLOPs of dense attention). The backward pass runs `attend`'s per block and adds each block's key and value
+    gradients into [0, end) of one float32 buffer, rather than summing zero-padded copies of them.
     """
-    outputs = []
-    for start in range(0, q.shape[1], chunk):
-        end = min(start + chunk, q.shape[1])
+    return _attend_chunks_forward(q, k, v, mask, chunk)[0]
+
+
+def _attend_chunks_forward(q, k, v, mask, chunk):
+    outputs, log_normalisers = [], []
+    for start, end in _query_blocks(q.shape[1], chunk):
         block_mask = mask.dense(slice(start, end), slice(0, end))
-        outputs.append(attend(q[:, start:end], k[:, :end], v[:, :end], block_mask))
-    return jnp.concatenate(outputs, axis=1)
+        out, log_normaliser = _attend_forward(q[:, start:end], k[:, :end], v[:, :end], block_mask)
+        outputs.append(out)
+        log_normalisers.append(log_normaliser)
+    return jnp.concatenate(outputs, axis=1), log_normalisers
+
+
+def _attend_chunks_fwd(q, k, v, mask, chunk):
+    out, log_normalisers = _attend_chunks_forward(q, k, v, mask, chunk)
+    out, log_normalisers = _saveable(out, log_normalisers)
+    return out, (q, k, v, mask, out, log_normalisers)
+
+
+def _attend_chunks_bwd(chunk, residuals, grad_out):
+    q, k, v, mask, out, log_normalisers = residuals
+    grad_qs = []
+    grad_k, grad_v = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for (start, end), log_normaliser in zip(_query_blocks(q.shape[1], chunk), log_normalisers):
+        block_mask = mask.dense(slice(start, end), slice(0, end))
+        block_q, block_k, block_v = _attend_grads(q[:, start:end], k[:, :end], v[:, :end], block_mask,
+                                                  out[:, start:end], log_normaliser, grad_out[:, start:end])
+        grad_qs.append(block_q)
+        grad_k, grad_v = grad_k.at[:, :end].add(block_k), grad_v.at[:, :end].add(block_v)
+    return jnp.concatenate(grad_qs, axis=1).astype(q.dtype), grad_k.astype(k.dtype), grad_v.astype(v.dtype), None
+
+
+attend_in_chunks.defvjp(_attend_chunks_fwd, _attend_chunks_bwd)
 
 
 @struct.dataclass
@@ -333,7 +388,9 @@ class Block(nnx.Module):
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a block: recompute it all in the backward pass
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    # attention's output and per-query log-normaliser (a few MiB per layer) are all its backward pass needs besides
+    # q, k, v, so the recomputation skips the attention forward pass
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out", "attention_log_normaliser"),
 }
 
 

@@ -148,3 +148,36 @@ def test_attention_value_and_gradients_match_float64(chunk, dtype, tolerance):
     cotangent_rest = cotangent.at[0, :4].set(0.0)
     assert float(jnp.max(jnp.abs(only_first(cotangent_rest.astype(dtype))[1][0, :4].astype(jnp.float32)))) == 0.0
     assert float(jnp.max(jnp.abs(first_doc_keys.astype(jnp.float32)))) > 0.0
+
+
+def _tiny_model_gradient(remat_policy: str):
+    import dataclasses
+
+    from flax import nnx
+
+    from llama_jax.config import MODEL_PRESETS
+    from llama_jax.model import Llama
+
+    config = dataclasses.replace(MODEL_PRESETS["tiny"], dtype="float32", remat_policy=remat_policy,
+                                 attention_impl="chunked", attention_chunk=16)
+    graphdef, params = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(5), (2, 40), 0, config.vocab_size)
+    weights = jax.random.normal(jax.random.key(6), (2, 40, config.vocab_size))
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params)(tokens) * weights)
+
+    return jax.grad(loss)(params), str(jax.make_jaxpr(jax.grad(loss))(params))
+
+
+def test_remat_policies_give_the_same_gradients_and_save_attention_out_skips_the_attention_forward():
+    reference, plain_program = _tiny_model_gradient("none")
+    exps_without_remat = plain_program.count(" exp ")
+    for policy in ("full", "save_dots", "save_attention_out"):
+        grads, program = _tiny_model_gradient(policy)
+        for grad, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
+            assert _relative_error(grad, ref) < 1e-5, policy
+        # Softmax exponentials in the program: forward + backward without remat; `full` recomputes the attention
+        # forward once more, `save_attention_out` keeps its output and log-normaliser and must not.
+        expected = exps_without_remat + (exps_without_remat // 2 if policy in ("full", "save_dots") else 0)
+        assert program.count(" exp ") == expected, policy
