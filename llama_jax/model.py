@@ -172,6 +172,11 @@ def _heads_major(x: Array, kv_heads: int) -> Array:
     return jnp.transpose(x.reshape(batch, length, kv_heads, heads // kv_heads, head_dim), (0, 2, 1, 3, 4))
 
 
+def _swap_length_and_heads(x: Array) -> Array:
+    """[b, t, kv_heads, d] ↔ [b, kv_heads, t, d]."""
+    return jnp.transpose(x, (0, 2, 1, 3))
+
+
 def _from_heads_major(x: Array) -> Array:
     """[b, kv_heads, s, g, d] → [b, s, heads, d]."""
     batch, kv_heads, length, group, head_dim = x.shape
@@ -188,7 +193,7 @@ def _per_layer(q: Array, mask: Array) -> tuple[Array, Array, Array]:
 def _attend_forward(q: Array, k: Array, v: Array, mask: Array) -> tuple[Array, Array]:
     kv_heads, scale = k.shape[2], 1.0 / math.sqrt(q.shape[-1])
     q, mask, masked_score = _per_layer(q, mask)
-    keys, values = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # [b, kv, t, d]
+    keys, values = _swap_length_and_heads(k), _swap_length_and_heads(v)  # [b, kv, t, d]
     scores = jnp.einsum("bksgd,bktd->bksgt", _heads_major(q, kv_heads), keys, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, :, None, :], scores * scale, masked_score)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
@@ -221,7 +226,7 @@ def _attend_grads(q, k, v, mask, out, log_normaliser, grad_out) -> tuple[Array, 
     """dq, dk, dv (float32) of `attend`, from its inputs, output and log-normaliser (the flash-attention backward)."""
     kv_heads, dtype, scale = k.shape[2], q.dtype, 1.0 / math.sqrt(q.shape[-1])
     queries, grad_out = _heads_major(q, kv_heads), _heads_major(grad_out.astype(dtype), kv_heads)
-    keys, values = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+    keys, values = _swap_length_and_heads(k), _swap_length_and_heads(v)
     # Key-major [b, kv, t, s, g]: Pᵀ from the scores and the saved log-normaliser, masked entries exactly 0.
     scores_t = jnp.einsum("bktd,bksgd->bktsg", keys, queries, preferred_element_type=jnp.float32)
     allowed_t = jnp.swapaxes(mask, 1, 2)[:, None, :, :, None]
@@ -237,7 +242,7 @@ def _attend_grads(q, k, v, mask, out, log_normaliser, grad_out) -> tuple[Array, 
     keys_t = jax.lax.optimization_barrier(jnp.swapaxes(keys, 2, 3))
     grad_q_t = jnp.einsum("bkdt,bktsg->bkdsg", keys_t, grad_scores_t, preferred_element_type=jnp.float32)
     grad_q = _from_heads_major(jnp.transpose(grad_q_t, (0, 1, 3, 4, 2)))
-    return grad_q, jnp.transpose(grad_k, (0, 2, 1, 3)), jnp.transpose(grad_v, (0, 2, 1, 3))
+    return grad_q, _swap_length_and_heads(grad_k), _swap_length_and_heads(grad_v)
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)

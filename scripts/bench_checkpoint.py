@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -160,6 +159,7 @@ def overhead(workdir: Path, pairs: int, model: str, batch_size: int, seq_len: in
     from llama_jax.checkpoint import RunCheckpoints
     from llama_jax.config import load_config
     from llama_jax.loop import train
+    from llama_jax.perf import median
     from llama_jax.sharding import make_mesh
     from llama_jax.trainer import Trainer
 
@@ -203,9 +203,9 @@ def overhead(workdir: Path, pairs: int, model: str, batch_size: int, seq_len: in
         shutil.rmtree(run_dir)
         quiet = [seconds[40 * k] for k in range(1, pairs + 1)]
         saving = [seconds[40 * k + 20] for k in range(1, pairs + 1)]
-        per_save = statistics.median([b - a for a, b in zip(quiet, saving)])
-        step = statistics.median(quiet) / 20
-        held = statistics.median(blocking[:-1])  # the last is the final save, after the last interval
+        per_save = median([b - a for a, b in zip(quiet, saving)])
+        step = median(quiet) / 20
+        held = median(blocking[:-1])  # the last is the final save, after the last interval
         out[mode] = {"interval_seconds_without_save": quiet, "interval_seconds_with_save": saving,
                      "median_step_seconds": step, "median_seconds_per_save": per_save,
                      "overhead_percent_at_1_save_per_20_steps": 100 * per_save / (20 * step),
