@@ -371,8 +371,34 @@ class SwiGLU(nnx.Module):
     def __call__(self, x: Array) -> Array:
         gate = _dot("bsd,df->bsf", x, self.w_gate[...], self.dtype)
         up = _dot("bsd,df->bsf", x, self.w_up[...], self.dtype)
-        hidden = constrain((jax.nn.silu(gate) * up).astype(self.dtype), ("batch", "length", "mlp"))
+        hidden = constrain(gated_silu(gate, up, self.dtype), ("batch", "length", "mlp"))
         return _dot("bsf,fd->bsd", hidden, self.w_down[...], self.dtype).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gated_silu(gate: Array, up: Array, dtype: jnp.dtype) -> Array:
+    """silu(gate) ⊙ up computed in float32 and returned in `dtype`.
+
+    Differentiated, it keeps gate and up in `dtype` rather than the float32 pair autodiff would keep (half the bytes
+    of the largest activations: 0.74 GB for bench-S without remat) and recomputes the sigmoid in its backward pass.
+    """
+    return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
+
+
+def _gated_silu_fwd(gate, up, dtype):
+    residuals = (gate.astype(dtype), up.astype(dtype), jnp.zeros((0,), gate.dtype), jnp.zeros((0,), up.dtype))
+    return gated_silu(gate, up, dtype), residuals
+
+
+def _gated_silu_bwd(dtype, residuals, grad):
+    gate_low, up_low, gate_like, up_like = residuals
+    gate, up, grad = gate_low.astype(jnp.float32), up_low.astype(jnp.float32), grad.astype(jnp.float32)
+    sigmoid = jax.nn.sigmoid(gate)
+    grad_gate = grad * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))  # d silu(g)/dg = σ(g)(1 + g(1 − σ(g)))
+    return grad_gate.astype(gate_like.dtype), (grad * gate * sigmoid).astype(up_like.dtype)
+
+
+gated_silu.defvjp(_gated_silu_fwd, _gated_silu_bwd)
 
 
 # ── Transformer block ────────────────────────────────────────────────────────────────────────────────────────────

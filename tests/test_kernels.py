@@ -181,3 +181,22 @@ def test_remat_policies_give_the_same_gradients_and_save_attention_out_skips_the
         # forward once more, `save_attention_out` keeps its output and log-normaliser and must not.
         expected = exps_without_remat + (exps_without_remat // 2 if policy in ("full", "save_dots") else 0)
         assert program.count(" exp ") == expected, policy
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_gated_silu_value_and_gradients_match_float64(dtype, tolerance):
+    from llama_jax.model import gated_silu
+
+    keys = jax.random.split(jax.random.key(7), 3)
+    gate, up = (3 * jax.random.normal(key, (2, 5, 12), jnp.float32) for key in keys[:2])
+    cotangent = jax.random.normal(keys[2], (2, 5, 12), jnp.float32).astype(dtype)
+    out, pullback = jax.vjp(lambda g, u: gated_silu(g, u, dtype), gate, up)
+    grads = pullback(cotangent)
+    assert out.dtype == dtype and all(g.dtype == jnp.float32 for g in grads)
+    with jax.enable_x64(True):
+        g64, u64, c64 = (jnp.asarray(np.asarray(t, np.float64)) for t in (gate, up, cotangent))
+        ref_out, ref_pullback = jax.vjp(lambda g, u: g / (1 + jnp.exp(-g)) * u, g64, u64)
+        ref_grads = [np.asarray(t) for t in ref_pullback(c64)]
+    assert _relative_error(out, np.asarray(ref_out)) < tolerance
+    for grad, ref in zip(grads, ref_grads):
+        assert _relative_error(grad, ref) < tolerance
