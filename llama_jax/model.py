@@ -159,9 +159,9 @@ def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
     (the flash-attention backward, here per block of queries).
 
     Layouts are chosen for the CPU's matrix multiplies: the forward pass holds scores query-major [b, kv, s, g, t]
-    and the backward pass key-major [b, kv, t, s, g], so that every product with the big score-shaped block
-    contracts its last axes (t for P·V; s, g for dV = Pᵀ·dO and dK = dSᵀ·Q); only dQ = dS·K contracts over the
-    block's leading axis. Query-major in the backward pass would put two products (dV, dK) in that position.
+    and the backward pass key-major [b, kv, t, s, g], so that P·V, dV = Pᵀ·dO and dK = dSᵀ·Q contract the block's
+    last axes, and dQ is computed transposed, dQᵀ = Kᵀ·dS, with the block as a plain right-hand operand. XLA:CPU
+    otherwise copies a score-sized block into the transposed layout before the product.
     """
     return _attend_forward(q, k, v, mask)[0]
 
