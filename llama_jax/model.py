@@ -56,11 +56,15 @@ def mixed_einsum(equation: str, x: Array, y: Array, dtype: jnp.dtype) -> Array:
     return jnp.einsum(equation, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
 
 
+def _compact_residuals(dtype: jnp.dtype, *inputs: Array) -> tuple[Array, ...]:
+    """The inputs in the compute dtype for a backward pass (half the bytes of float32), then one zero-size array per
+    input that keeps its own dtype, so that its gradient can be returned in it."""
+    return (*(x.astype(dtype) for x in inputs), *(jnp.zeros((0,), x.dtype) for x in inputs))
+
+
 def _mixed_einsum_fwd(equation, x, y, dtype):
-    x_low, y_low = x.astype(dtype), y.astype(dtype)
-    out = jnp.einsum(equation, x_low, y_low, preferred_element_type=jnp.float32)
-    # Residuals in the compute dtype (half the bytes of float32); the input dtypes come back as zero-size arrays.
-    return out, (x_low, y_low, jnp.zeros((0,), x.dtype), jnp.zeros((0,), y.dtype))
+    residuals = _compact_residuals(dtype, x, y)
+    return jnp.einsum(equation, *residuals[:2], preferred_element_type=jnp.float32), residuals
 
 
 def _mixed_einsum_bwd(equation, dtype, residuals, grad):
@@ -386,8 +390,7 @@ def gated_silu(gate: Array, up: Array, dtype: jnp.dtype) -> Array:
 
 
 def _gated_silu_fwd(gate, up, dtype):
-    residuals = (gate.astype(dtype), up.astype(dtype), jnp.zeros((0,), gate.dtype), jnp.zeros((0,), up.dtype))
-    return gated_silu(gate, up, dtype), residuals
+    return gated_silu(gate, up, dtype), _compact_residuals(dtype, gate, up)
 
 
 def _gated_silu_bwd(dtype, residuals, grad):
