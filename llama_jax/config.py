@@ -20,7 +20,7 @@ from llama_jax.errors import ConfigError
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
-ATTENTION_IMPLS = ("auto", "dense", "chunked")
+ATTENTION_IMPLS = ("auto", "dense", "chunked", "flash_cpu")
 
 
 @dataclass(frozen=True)

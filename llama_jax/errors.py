@@ -33,6 +33,10 @@ class ChatFormatError(LlamaJaxError):
     """A conversation that breaks the chat format's rules."""
 
 
+class KernelError(LlamaJaxError):
+    """A native kernel that was asked for but cannot be built or used here."""
+
+
 def run_program(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> NoReturn:
     """Run a program's main; a LlamaJaxError becomes one line on stderr and exit status 2."""
     try:

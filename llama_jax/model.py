@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
+from llama_jax import cpu_kernels
 from llama_jax.config import ModelConfig
+from llama_jax.errors import KernelError
 from llama_jax.sharding import constrain
 
 Array = jax.Array
@@ -301,6 +303,25 @@ def _attend_chunks_bwd(chunk, residuals, grad_out):
 attend_in_chunks.defvjp(_attend_chunks_fwd, _attend_chunks_bwd)
 
 
+@jax.custom_vjp
+def attend_flash_cpu(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array:
+    """`attend_in_chunks` as one native CPU kernel per direction (`llama_jax.cpu_kernels`): the same blocks of
+    queries and keys, but each score block stays in cache between the products, and the softmax is online."""
+    return cpu_kernels.flash_attention_forward(q, k, v, mask)[0]
+
+
+def _attend_flash_fwd(q, k, v, mask):
+    out, log_normaliser = _saveable(*cpu_kernels.flash_attention_forward(q, k, v, mask))
+    return out, (q, k, v, mask, out, log_normaliser)
+
+
+def _attend_flash_bwd(residuals, grad_out):
+    return (*cpu_kernels.flash_attention_backward(*residuals, grad_out), None)
+
+
+attend_flash_cpu.defvjp(_attend_flash_fwd, _attend_flash_bwd)
+
+
 @struct.dataclass
 class KVCache:
     """Keys and values of every layer for decoding: slots [0, index) are filled; segment 0 marks empty or padding."""
@@ -351,12 +372,23 @@ class Attention(nnx.Module):
                             for c, new in zip(cache, (k, v)))
             out = attend(q, k_all, v_all, inputs.mask.dense())
             cache = (k_all, v_all)
+        elif self._flash_cpu(q, k):
+            out = attend_flash_cpu(q, k, v, inputs.mask)
         elif self._chunked(x.shape[1]):
             out = attend_in_chunks(q, k, v, inputs.mask, config.attention_chunk)
         else:
             out = attend(q, k, v, inputs.mask.dense())
         out = checkpoint_name(out, "attention_out")
         return _dot("bshk,hkd->bsd", out, self.w_o[...], dtype).astype(x.dtype), cache
+
+    def _flash_cpu(self, q: Array, k: Array) -> bool:
+        impl = self.config.attention_impl
+        if impl not in ("flash_cpu", "auto"):
+            return False
+        unsupported = cpu_kernels.flash_attention_supports(q, k)
+        if unsupported is not None and impl == "flash_cpu":
+            raise KernelError(f"model.attention_impl=flash_cpu cannot run here: {unsupported}")
+        return unsupported is None
 
     def _chunked(self, length: int) -> bool:
         impl = self.config.attention_impl

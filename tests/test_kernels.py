@@ -109,28 +109,44 @@ def _reference_attention(q, k, v, mask):
     return jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(scores, axis=-1), v)
 
 
-@pytest.mark.parametrize("chunk", [None, 4, 5, 13])  # None: one dense block; 5 does not divide 13
-@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
-def test_attention_value_and_gradients_match_float64(chunk, dtype, tolerance):
-    from llama_jax.model import AttentionMask, attend, attend_in_chunks
+def _packed_mask(batch: int, length: int):
+    """Row 0 packs documents of several lengths (and padding, segment 0, at the end); the others hold one document."""
+    from llama_jax.model import AttentionMask
 
-    batch, length, heads, kv_heads, head_dim = 2, 13, 6, 2, 8
+    slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    bounds = [0, length * 4 // 13, length * 9 // 13, length * 11 // 13, length]
+    first_row = np.concatenate([np.full(end - start, segment) for segment, (start, end)
+                                in enumerate(zip(bounds[:-1], bounds[1:]), start=1)])
+    first_row[bounds[3]:] = 0
+    segments = jnp.asarray(np.stack([first_row] + [np.ones(length, np.int32)] * (batch - 1)), jnp.int32)
+    return AttentionMask(slots, segments, slots, segments), bounds[1]
+
+
+# None: one dense block; 5 does not divide 13; "flash": the native CPU kernel (one partial 64-block at 13, two full
+# and one partial at 150, a document boundary and padding inside blocks).
+@pytest.mark.parametrize("chunk, length, heads, kv_heads", [
+    (None, 13, 6, 2), (4, 13, 6, 2), (5, 13, 6, 2), (13, 13, 6, 2),
+    ("flash", 13, 6, 2), ("flash", 150, 6, 2), ("flash", 150, 4, 4), ("flash", 128, 3, 1)])
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_attention_value_and_gradients_match_float64(chunk, length, heads, kv_heads, dtype, tolerance):
+    from llama_jax.model import attend, attend_flash_cpu, attend_in_chunks
+
+    batch, head_dim = 2, 16
     keys = jax.random.split(jax.random.key(3), 4)
     q = jax.random.normal(keys[0], (batch, length, heads, head_dim), jnp.float32).astype(dtype)
     k = jax.random.normal(keys[1], (batch, length, kv_heads, head_dim), jnp.float32).astype(dtype)
     v = jax.random.normal(keys[2], (batch, length, kv_heads, head_dim), jnp.float32).astype(dtype)
     cotangent = jax.random.normal(keys[3], q.shape, jnp.float32)
-    slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    # Row 0 packs three documents (and 2 padding tokens, segment 0); row 1 is one document.
-    segments = jnp.array([[1] * 4 + [2] * 5 + [3] * 2 + [0] * 2, [1] * length], jnp.int32)
-    mask = AttentionMask(slots, segments, slots, segments)
+    mask, first_document = _packed_mask(batch, length)
 
     def ours(q_, k_, v_):
         if chunk is None:
             return attend(q_, k_, v_, mask.dense())
+        if chunk == "flash":
+            return attend_flash_cpu(q_, k_, v_, mask)
         return attend_in_chunks(q_, k_, v_, mask, chunk)
 
-    out, pullback = jax.vjp(ours, q, k, v)
+    out, pullback = jax.vjp(jax.jit(ours), q, k, v)
     grads = pullback(cotangent.astype(dtype))
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
     with jax.enable_x64(True):
@@ -143,10 +159,11 @@ def test_attention_value_and_gradients_match_float64(chunk, dtype, tolerance):
     for grad, ref in zip(grads, ref_grads):
         assert _relative_error(grad, ref) < tolerance
     # Nothing leaks across documents: a key's gradient comes only from queries of its own document.
-    first_doc_keys = grads[1][0, :4]
+    first_doc_keys = grads[1][0, :first_document]
     _, only_first = jax.vjp(ours, q, k, v)
-    cotangent_rest = cotangent.at[0, :4].set(0.0)
-    assert float(jnp.max(jnp.abs(only_first(cotangent_rest.astype(dtype))[1][0, :4].astype(jnp.float32)))) == 0.0
+    cotangent_rest = cotangent.at[0, :first_document].set(0.0)
+    leaked = only_first(cotangent_rest.astype(dtype))[1][0, :first_document]
+    assert float(jnp.max(jnp.abs(leaked.astype(jnp.float32)))) == 0.0
     assert float(jnp.max(jnp.abs(first_doc_keys.astype(jnp.float32)))) > 0.0
 
 
