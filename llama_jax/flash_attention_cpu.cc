@@ -2,7 +2,8 @@
 //
 // Why: XLA:CPU writes every softmax pass over a score block to memory and runs the head_dim-wide products at about
 // half its matrix-multiply rate. Here each 64-key block of scores lives in a few KiB of cache between the products,
-// the softmax is online (one pass), and the products are register-tiled outer products in float32.
+// the softmax is online (one pass), and the products are register-tiled outer products: bfloat16 pairs summed in
+// float32 (vdpbf16ps) where the CPU has AVX512-BF16 and the inputs are bfloat16, float32 FMAs otherwise.
 //
 // Layouts (as the model holds them): q [b, s, heads, d]; k, v [b, t, kv_heads, d]; query head h reads kv head
 // h / group. Slots and segment ids ([b, s] / [b, t] int32) give the mask: query i sees key j iff
@@ -18,9 +19,14 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -91,33 +97,74 @@ inline void tile(int depth, const float* a, long a_row, long a_col, const float*
     for (int v = 0; v < kVectors; ++v) store(c + r * ldc + v * kLanes, acc[r][v]);
 }
 
-template <int kRows>
-inline void tile_columns(int vectors, int depth, const float* a, long a_row, long a_col, const float* b, long ldb,
-                         float* c, long ldc, bool accumulate) {
-  switch (vectors) {
-    case 4: return tile<kRows, 4>(depth, a, a_row, a_col, b, ldb, c, ldc, accumulate);
-    case 3: return tile<kRows, 3>(depth, a, a_row, a_col, b, ldb, c, ldc, accumulate);
-    case 2: return tile<kRows, 2>(depth, a, a_row, a_col, b, ldb, c, ldc, accumulate);
-    default: return tile<kRows, 1>(depth, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+// Calls tile(rows, vectors, r, col) over C[m, n] (n a multiple of 16) in strips of 6, 2 and 1 rows and up to 4
+// vectors of columns, with rows and vectors as compile-time constants.
+template <typename Tile>
+inline void for_each_tile(int m, int n, const Tile& tile) {
+  for (int col = 0; col < n; col += 4 * kLanes) {
+    const int vectors = std::min(4 * kLanes, n - col) / kLanes;
+    const auto strip = [&](auto rows, int r) {
+      switch (vectors) {
+        case 4: return tile(rows, std::integral_constant<int, 4>{}, r, col);
+        case 3: return tile(rows, std::integral_constant<int, 3>{}, r, col);
+        case 2: return tile(rows, std::integral_constant<int, 2>{}, r, col);
+        default: return tile(rows, std::integral_constant<int, 1>{}, r, col);
+      }
+    };
+    int r = 0;
+    for (; r + 6 <= m; r += 6) strip(std::integral_constant<int, 6>{}, r);
+    for (; r + 2 <= m; r += 2) strip(std::integral_constant<int, 2>{}, r);
+    for (; r < m; ++r) strip(std::integral_constant<int, 1>{}, r);
   }
 }
 
-// C[m, n] (+)= A[m, depth] · B[depth, n]; n a multiple of 16.
+// C[m, n] (+)= A[m, depth] · B[depth, n] in float32.
 void matmul(int m, int n, int depth, const float* a, long a_row, long a_col, const float* b, long ldb, float* c,
             long ldc, bool accumulate) {
-  for (int col = 0; col < n; col += 4 * kLanes) {
-    const int vectors = std::min(4 * kLanes, n - col) / kLanes;
-    const float* bc = b + col;
-    float* cc = c + col;
-    int r = 0;
-    for (; r + 6 <= m; r += 6)
-      tile_columns<6>(vectors, depth, a + r * a_row, a_row, a_col, bc, ldb, cc + r * ldc, ldc, accumulate);
-    for (; r + 2 <= m; r += 2)
-      tile_columns<2>(vectors, depth, a + r * a_row, a_row, a_col, bc, ldb, cc + r * ldc, ldc, accumulate);
-    for (; r < m; ++r)
-      tile_columns<1>(vectors, depth, a + r * a_row, a_row, a_col, bc, ldb, cc + r * ldc, ldc, accumulate);
-  }
+  for_each_tile(m, n, [&](auto rows, auto vectors, int r, int col) {
+    tile<decltype(rows)::value, decltype(vectors)::value>(depth, a + r * a_row, a_row, a_col, b + col, ldb,
+                                                          c + r * ldc + col, ldc, accumulate);
+  });
 }
+
+#if defined(__AVX512BF16__)
+
+// C[rows, 16·vectors] (+)= A · B with bfloat16 products summed in float32 (vdpbf16ps, twice the float32 FMA rate):
+// A row-major bfloat16 [rows, 2·pairs]; B as 32-bit words [pairs, ldb], word (k, n) = (B[2k, n], B[2k+1, n]).
+template <int kRows, int kVectors>
+inline void tile_bf16(int pairs, const uint16_t* a, long lda, const uint32_t* b, long ldb, float* c, long ldc,
+                      bool accumulate) {
+  __m512 acc[kRows][kVectors];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < kVectors; ++v)
+      acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + v * kLanes) : _mm512_setzero_ps();
+  for (int k = 0; k < pairs; ++k) {
+    __m512bh bk[kVectors];
+    for (int v = 0; v < kVectors; ++v) bk[v] = (__m512bh)_mm512_loadu_si512(b + k * ldb + v * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      uint32_t word;
+      std::memcpy(&word, a + r * lda + 2 * k, 4);
+      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bk[v]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(c + r * ldc + v * kLanes, acc[r][v]);
+}
+
+void matmul_bf16(int m, int n, int pairs, const uint16_t* a, long lda, const uint32_t* b, long ldb, float* c,
+                 long ldc, bool accumulate) {
+  for_each_tile(m, n, [&](auto rows, auto vectors, int r, int col) {
+    tile_bf16<decltype(rows)::value, decltype(vectors)::value>(pairs, a + r * lda, lda, b + col, ldb,
+                                                               c + r * ldc + col, ldc, accumulate);
+  });
+}
+
+// float32 → bfloat16, round to nearest even (as XLA's convert), 16 at a time.
+inline void store_bf16(uint16_t* out, vf x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh((__m512)x));
+}
+#endif
 
 // ── Element types ────────────────────────────────────────────────────────────────────────────────────────────────
 inline float to_float(float x) { return x; }
@@ -260,27 +307,103 @@ void parallel_for(ffi::ThreadPool& pool, long count, const std::function<void(lo
 }
 
 // ── Forward ──────────────────────────────────────────────────────────────────────────────────────────────────────
+// The forward pass's two products, S = Q·Kᵀ and O += P·V, for one (batch row, kv head): in float32 for any input
+// type, or with bfloat16 products for bfloat16 inputs where the CPU has them (P rounded to bfloat16, as XLA does).
 template <typename T>
+struct FloatProducts {
+  const Shape& shape;
+  const long d, t_pad;
+  std::vector<float> keys_t, values, queries;
+
+  explicit FloatProducts(const Shape& shape)
+      : shape(shape), d(shape.head_dim), t_pad(shape.padded_keys()), keys_t(d * t_pad), values(t_pad * d),
+        queries(shape.group() * kBlock * d) {}
+  void pack_keys_values(const T* k, const T* v, long b, long kv) {
+    pack_keys(k, shape, b, kv, /*transposed=*/true, keys_t.data());
+    pack_keys(v, shape, b, kv, /*transposed=*/false, values.data());
+  }
+  void pack_query_block(const T* q, long b, long kv, long q0, long n) {
+    pack_queries(q, shape, b, kv, q0, n, 1.0f, queries.data());
+  }
+  void scores(long rows, long k0, float* out) {
+    matmul(rows, kBlock, d, queries.data(), d, 1, keys_t.data() + k0, t_pad, out, kBlock, false);
+  }
+  void add_values(long rows, long k0, const float* probs, float* acc) {
+    matmul(rows, d, kBlock, probs, kBlock, 1, values.data() + k0 * d, d, acc, d, true);
+  }
+};
+
+#if defined(__AVX512BF16__)
+// Words (k, n) = (x[2k, n], x[2k+1, n]) of a [length, width] bfloat16 matrix with row stride `stride`, as
+// [padded / 2, width]; rows past `length` are zero.
+void pack_pairs_down(const uint16_t* x, long stride, long length, long padded, long width, uint32_t* out) {
+  for (long k = 0; k < padded / 2; ++k)
+    for (long n = 0; n < width; ++n) {
+      const uint32_t low = 2 * k < length ? x[2 * k * stride + n] : 0;
+      const uint32_t high = 2 * k + 1 < length ? x[(2 * k + 1) * stride + n] : 0;
+      out[k * width + n] = low | high << 16;
+    }
+}
+
+// Words (e, j) = (x[j, 2e], x[j, 2e+1]) of the same matrix, as [width / 2, padded]; columns past `length` are zero.
+void pack_pairs_across(const uint16_t* x, long stride, long length, long padded, long width, uint32_t* out) {
+  std::fill(out, out + width / 2 * padded, 0u);
+  for (long j = 0; j < length; ++j)
+    for (long e = 0; e < width / 2; ++e) std::memcpy(out + e * padded + j, x + j * stride + 2 * e, 4);
+}
+
+struct Bf16Products {
+  const Shape& shape;
+  const long d, t_pad;
+  std::vector<uint32_t> key_words, value_words;
+  std::vector<uint16_t> queries, probs;
+
+  explicit Bf16Products(const Shape& shape)
+      : shape(shape), d(shape.head_dim), t_pad(shape.padded_keys()), key_words(d / 2 * t_pad),
+        value_words(t_pad / 2 * d), queries(shape.group() * kBlock * d), probs(shape.group() * kBlock * kBlock) {}
+  void pack_keys_values(const uint16_t* k, const uint16_t* v, long b, long kv) {
+    const long offset = (b * shape.keys * shape.kv_heads + kv) * d, stride = shape.kv_heads * d;
+    pack_pairs_across(k + offset, stride, shape.keys, t_pad, d, key_words.data());
+    pack_pairs_down(v + offset, stride, shape.keys, t_pad, d, value_words.data());
+  }
+  void pack_query_block(const uint16_t* q, long b, long kv, long q0, long n) {
+    const long group = shape.group();
+    for (long g = 0; g < group; ++g)
+      for (long i = 0; i < n; ++i)
+        std::memcpy(queries.data() + (g * n + i) * d, q + ((b * shape.queries + q0 + i) * shape.heads + kv * group + g) * d,
+                    d * sizeof(uint16_t));
+  }
+  void scores(long rows, long k0, float* out) {
+    matmul_bf16(rows, kBlock, d / 2, queries.data(), d, key_words.data() + k0, t_pad, out, kBlock, false);
+  }
+  void add_values(long rows, long k0, const float* probs_f32, float* acc) {
+    for (long i = 0; i < rows * kBlock; i += kLanes) store_bf16(probs.data() + i, load(probs_f32 + i));
+    matmul_bf16(rows, d, kBlock / 2, probs.data(), kBlock, value_words.data() + k0 / 2 * d, d, acc, d, true);
+  }
+};
+#endif
+
+template <typename T, typename Products>
 void forward(ffi::ThreadPool& pool, const Shape& shape, const Mask& mask, const T* q, const T* k, const T* v, T* out,
              float* log_normaliser) {
-  const long d = shape.head_dim, group = shape.group(), t_pad = shape.padded_keys();
+  const long d = shape.head_dim, group = shape.group();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   parallel_for(pool, shape.batch * shape.kv_heads, [&](long task) {
     const long b = task / shape.kv_heads, kv = task % shape.kv_heads;
     const RowMask rows_mask = row_mask(mask, shape, b);
-    std::vector<float> keys_t(d * t_pad), values(t_pad * d), queries(group * kBlock * d), acc(group * kBlock * d),
-        scores(group * kBlock * kBlock), row_max(group * kBlock), row_sum(group * kBlock);
-    pack_keys(k, shape, b, kv, /*transposed=*/true, keys_t.data());
-    pack_keys(v, shape, b, kv, /*transposed=*/false, values.data());
+    Products products(shape);
+    std::vector<float> acc(group * kBlock * d), scores(group * kBlock * kBlock), row_max(group * kBlock),
+        row_sum(group * kBlock);
+    products.pack_keys_values(k, v, b, kv);
     for (long q0 = 0; q0 < shape.queries; q0 += kBlock) {
       const long n = std::min<long>(kBlock, shape.queries - q0), rows = group * n;
-      pack_queries(q, shape, b, kv, q0, n, scale, queries.data());
+      products.pack_query_block(q, b, kv, q0, n);
       std::fill(acc.begin(), acc.begin() + rows * d, 0.0f);
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<float>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), 0.0f);
       for (long k0 = 0; k0 < shape.keys; k0 += kBlock) {
         if (!rows_mask.block_may_attend(q0, n, k0, std::min<long>(kBlock, shape.keys - k0))) continue;
-        matmul(rows, kBlock, d, queries.data(), d, 1, keys_t.data() + k0, t_pad, scores.data(), kBlock, false);
+        products.scores(rows, k0, scores.data());
         const KeyBlock key_block = rows_mask.key_block(k0);
         for (long i = 0; i < n; ++i) {
           vi allowed[kBlock / kLanes];
@@ -290,7 +413,8 @@ void forward(ffi::ThreadPool& pool, const Shape& shape, const Mask& mask, const 
             float* s = scores.data() + r * kBlock;
             vf m = splat(-std::numeric_limits<float>::infinity());
             for (int u = 0; u < kBlock / kLanes; ++u) {
-              const vf x = load(s + u * kLanes);
+              const vf x = load(s + u * kLanes) * scale;
+              store(s + u * kLanes, x);
               m = allowed[u] ? nan_max(x, m) : m;
             }
             const float block_max = horizontal_max(m);
@@ -313,7 +437,7 @@ void forward(ffi::ThreadPool& pool, const Shape& shape, const Mask& mask, const 
               for (long e = 0; e < d; ++e) acc[r * d + e] *= rescale;
           }
         }
-        matmul(rows, d, kBlock, scores.data(), kBlock, 1, values.data() + k0 * d, d, acc.data(), d, true);
+        products.add_values(rows, k0, scores.data(), acc.data());
       }
       for (long r = 0; r < rows; ++r) {
         const long g = r / n, i = r % n;
@@ -331,22 +455,101 @@ void forward(ffi::ThreadPool& pool, const Shape& shape, const Mask& mask, const 
 // ── Backward ─────────────────────────────────────────────────────────────────────────────────────────────────────
 // Per (batch row, kv head), key block by key block: P from the saved log-normaliser, dV += Pᵀ·dO, dP = dO·Vᵀ,
 // dS = P ⊙ (dP − rowsum(dO ⊙ O)), dK += dSᵀ·Q, dQ += dS·K (kept in float32 for the whole row until the end).
+// S = Q·Kᵀ, dP = dO·Vᵀ and dQ += dS·K come from a products policy as in the forward pass (dS rounded to bfloat16
+// for dQ, as XLA does); dV and dK read P and dS transposed in place, in float32.
 template <typename T>
+struct FloatGradProducts {
+  const Shape& shape;
+  const long d, t_pad;
+  std::vector<float> keys, keys_t, values_t;
+  const float *queries = nullptr, *grads_out = nullptr;  // the float32 query-side rows, [group · s, d]
+
+  void use_float_rows(const float* query_rows, const float* grad_out_rows) {
+    queries = query_rows;
+    grads_out = grad_out_rows;
+  }
+  explicit FloatGradProducts(const Shape& shape)
+      : shape(shape), d(shape.head_dim), t_pad(shape.padded_keys()), keys(t_pad * d), keys_t(d * t_pad),
+        values_t(d * t_pad) {}
+  void pack_keys_values(const T* k, const T* v, long b, long kv) {
+    pack_keys(k, shape, b, kv, /*transposed=*/false, keys.data());
+    pack_keys(k, shape, b, kv, /*transposed=*/true, keys_t.data());
+    pack_keys(v, shape, b, kv, /*transposed=*/true, values_t.data());
+  }
+  void pack_query_rows(const T*, const T*, long, long, long, long, long) {}
+  void scores(long rows, long base, long k0, float* out) {
+    matmul(rows, kBlock, d, queries + base * d, d, 1, keys_t.data() + k0, t_pad, out, kBlock, false);
+  }
+  void grad_probs(long rows, long base, long k0, float* out) {
+    matmul(rows, kBlock, d, grads_out + base * d, d, 1, values_t.data() + k0, t_pad, out, kBlock, false);
+  }
+  void add_grad_queries(long rows, long k0, const float* grad_scores, float* grads_q) {
+    matmul(rows, d, kBlock, grad_scores, kBlock, 1, keys.data() + k0 * d, d, grads_q, d, true);
+  }
+};
+
+#if defined(__AVX512BF16__)
+struct Bf16GradProducts {
+  const Shape& shape;
+  const long d, t_pad;
+  std::vector<uint32_t> key_words_across, value_words_across, key_words_down;
+  std::vector<uint16_t> queries, grads_out, grad_scores;
+  void use_float_rows(const float*, const float*) {}  // its own bfloat16 rows serve
+
+  explicit Bf16GradProducts(const Shape& shape)
+      : shape(shape), d(shape.head_dim), t_pad(shape.padded_keys()), key_words_across(d / 2 * t_pad),
+        value_words_across(d / 2 * t_pad), key_words_down(t_pad / 2 * d), queries(shape.group() * shape.queries * d),
+        grads_out(shape.group() * shape.queries * d), grad_scores(shape.group() * kBlock * kBlock) {}
+  void pack_keys_values(const uint16_t* k, const uint16_t* v, long b, long kv) {
+    const long offset = (b * shape.keys * shape.kv_heads + kv) * d, stride = shape.kv_heads * d;
+    pack_pairs_across(k + offset, stride, shape.keys, t_pad, d, key_words_across.data());
+    pack_pairs_across(v + offset, stride, shape.keys, t_pad, d, value_words_across.data());
+    pack_pairs_down(k + offset, stride, shape.keys, t_pad, d, key_words_down.data());
+  }
+  void pack_query_rows(const uint16_t* q, const uint16_t* grad_out, long b, long kv, long q0, long n, long base) {
+    const long group = shape.group();
+    for (long g = 0; g < group; ++g)
+      for (long i = 0; i < n; ++i) {
+        const long from = ((b * shape.queries + q0 + i) * shape.heads + kv * group + g) * d, to = (base + g * n + i) * d;
+        std::memcpy(queries.data() + to, q + from, d * sizeof(uint16_t));
+        std::memcpy(grads_out.data() + to, grad_out + from, d * sizeof(uint16_t));
+      }
+  }
+  void scores(long rows, long base, long k0, float* out) {
+    matmul_bf16(rows, kBlock, d / 2, queries.data() + base * d, d, key_words_across.data() + k0, t_pad, out,
+                kBlock, false);
+  }
+  void grad_probs(long rows, long base, long k0, float* out) {
+    matmul_bf16(rows, kBlock, d / 2, grads_out.data() + base * d, d, value_words_across.data() + k0, t_pad, out,
+                kBlock, false);
+  }
+  void add_grad_queries(long rows, long k0, const float* grad_scores_f32, float* grads_q) {
+    for (long i = 0; i < rows * kBlock; i += kLanes) store_bf16(grad_scores.data() + i, load(grad_scores_f32 + i));
+    matmul_bf16(rows, d, kBlock / 2, grad_scores.data(), kBlock, key_words_down.data() + k0 / 2 * d, d, grads_q, d,
+                true);
+  }
+};
+#endif
+
+template <typename T, typename Products>
 void backward(ffi::ThreadPool& pool, const Shape& shape, const Mask& mask, const T* q, const T* k, const T* v,
               const T* out, const float* log_normaliser, const T* grad_out, T* grad_q, T* grad_k, T* grad_v) {
-  const long d = shape.head_dim, group = shape.group(), t_pad = shape.padded_keys(), s = shape.queries;
+  const long d = shape.head_dim, group = shape.group(), s = shape.queries;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   parallel_for(pool, shape.batch * shape.kv_heads, [&](long task) {
     const long b = task / shape.kv_heads, kv = task % shape.kv_heads;
     const RowMask rows_mask = row_mask(mask, shape, b);
     // Query-side rows for the whole sequence, block after block ([group · n, d] each, starting at q0 · group · d).
+    Products products(shape);
     std::vector<float> queries(group * s * d), grads_out(group * s * d), grads_q(group * s * d, 0.0f),
         row_lse(group * s), row_dot(group * s), outs(group * kBlock * d);
+    products.use_float_rows(queries.data(), grads_out.data());
     for (long q0 = 0; q0 < s; q0 += kBlock) {
       const long n = std::min<long>(kBlock, s - q0), base = q0 * group;
       pack_queries(q, shape, b, kv, q0, n, 1.0f, queries.data() + base * d);
       pack_queries(grad_out, shape, b, kv, q0, n, 1.0f, grads_out.data() + base * d);
       pack_queries(out, shape, b, kv, q0, n, 1.0f, outs.data());
+      products.pack_query_rows(q, grad_out, b, kv, q0, n, base);
       for (long r = 0; r < group * n; ++r) {
         const long g = r / n, i = r % n;
         row_lse[base + r] = log_normaliser[(b * shape.heads + kv * group + g) * s + q0 + i];
@@ -355,11 +558,9 @@ void backward(ffi::ThreadPool& pool, const Shape& shape, const Mask& mask, const
         row_dot[base + r] = dot;
       }
     }
-    std::vector<float> keys(t_pad * d), keys_t(d * t_pad), values_t(d * t_pad), probs(group * kBlock * kBlock),
-        grad_scores(group * kBlock * kBlock), grad_keys(kBlock * d), grad_values(kBlock * d);
-    pack_keys(k, shape, b, kv, /*transposed=*/false, keys.data());
-    pack_keys(k, shape, b, kv, /*transposed=*/true, keys_t.data());
-    pack_keys(v, shape, b, kv, /*transposed=*/true, values_t.data());
+    std::vector<float> probs(group * kBlock * kBlock), grad_scores(group * kBlock * kBlock), grad_keys(kBlock * d),
+        grad_values(kBlock * d);
+    products.pack_keys_values(k, v, b, kv);
     for (long k0 = 0; k0 < shape.keys; k0 += kBlock) {
       const long kn = std::min<long>(kBlock, shape.keys - k0);
       std::fill(grad_keys.begin(), grad_keys.end(), 0.0f);
@@ -370,9 +571,8 @@ void backward(ffi::ThreadPool& pool, const Shape& shape, const Mask& mask, const
         if (!rows_mask.block_may_attend(q0, n, k0, kn)) continue;
         const float* block_queries = queries.data() + base * d;
         const float* block_grads_out = grads_out.data() + base * d;
-        matmul(rows, kBlock, d, block_queries, d, 1, keys_t.data() + k0, t_pad, probs.data(), kBlock, false);
-        matmul(rows, kBlock, d, block_grads_out, d, 1, values_t.data() + k0, t_pad, grad_scores.data(), kBlock,
-               false);
+        products.scores(rows, base, k0, probs.data());
+        products.grad_probs(rows, base, k0, grad_scores.data());
         for (long i = 0; i < n; ++i) {
           vi allowed[kBlock / kLanes];
           rows_mask.allowed(key_block, q0 + i, allowed);
@@ -392,8 +592,7 @@ void backward(ffi::ThreadPool& pool, const Shape& shape, const Mask& mask, const
         // Pᵀ and dSᵀ are read in place: A(c, r) = P[r, c].
         matmul(kBlock, d, rows, probs.data(), 1, kBlock, block_grads_out, d, grad_values.data(), d, true);
         matmul(kBlock, d, rows, grad_scores.data(), 1, kBlock, block_queries, d, grad_keys.data(), d, true);
-        matmul(rows, d, kBlock, grad_scores.data(), kBlock, 1, keys.data() + k0 * d, d, grads_q.data() + base * d,
-               d, true);
+        products.add_grad_queries(rows, k0, grad_scores.data(), grads_q.data() + base * d);
       }
       for (long j = 0; j < kn; ++j) {
         const long offset = ((b * shape.keys + k0 + j) * shape.kv_heads + kv) * d;
@@ -438,11 +637,15 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
   if (auto error = check_shapes(q, k, v, &shape); error.failure()) return error;
   const Mask mask = mask_of(query_slots, query_segments, key_slots, key_segments);
   if (q.element_type() == ffi::DataType::BF16)
-    forward(pool, shape, mask, static_cast<const uint16_t*>(q.untyped_data()),
+#if defined(__AVX512BF16__)
+    forward<uint16_t, Bf16Products>(pool, shape, mask, static_cast<const uint16_t*>(q.untyped_data()),
+#else
+    forward<uint16_t, FloatProducts<uint16_t>>(pool, shape, mask, static_cast<const uint16_t*>(q.untyped_data()),
+#endif
             static_cast<const uint16_t*>(k.untyped_data()), static_cast<const uint16_t*>(v.untyped_data()),
             static_cast<uint16_t*>(out->untyped_data()), log_normaliser->typed_data());
   else
-    forward(pool, shape, mask, static_cast<const float*>(q.untyped_data()),
+    forward<float, FloatProducts<float>>(pool, shape, mask, static_cast<const float*>(q.untyped_data()),
             static_cast<const float*>(k.untyped_data()), static_cast<const float*>(v.untyped_data()),
             static_cast<float*>(out->untyped_data()), log_normaliser->typed_data());
   return ffi::Error::Success();
@@ -459,14 +662,19 @@ ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
   const Mask mask = mask_of(query_slots, query_segments, key_slots, key_segments);
   if (q.element_type() == ffi::DataType::BF16) {
     using T = uint16_t;
-    backward(pool, shape, mask, static_cast<const T*>(q.untyped_data()), static_cast<const T*>(k.untyped_data()),
+#if defined(__AVX512BF16__)
+    using Products = Bf16GradProducts;
+#else
+    using Products = FloatGradProducts<T>;
+#endif
+    backward<T, Products>(pool, shape, mask, static_cast<const T*>(q.untyped_data()), static_cast<const T*>(k.untyped_data()),
              static_cast<const T*>(v.untyped_data()), static_cast<const T*>(out.untyped_data()),
              log_normaliser.typed_data(), static_cast<const T*>(grad_out.untyped_data()),
              static_cast<T*>(grad_q->untyped_data()), static_cast<T*>(grad_k->untyped_data()),
              static_cast<T*>(grad_v->untyped_data()));
   } else {
     using T = float;
-    backward(pool, shape, mask, static_cast<const T*>(q.untyped_data()), static_cast<const T*>(k.untyped_data()),
+    backward<T, FloatGradProducts<T>>(pool, shape, mask, static_cast<const T*>(q.untyped_data()), static_cast<const T*>(k.untyped_data()),
              static_cast<const T*>(v.untyped_data()), static_cast<const T*>(out.untyped_data()),
              log_normaliser.typed_data(), static_cast<const T*>(grad_out.untyped_data()),
              static_cast<T*>(grad_q->untyped_data()), static_cast<T*>(grad_k->untyped_data()),
