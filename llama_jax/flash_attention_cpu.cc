@@ -33,11 +33,22 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kBlock = 64;  // queries and keys per block; a multiple of the vector width
-constexpr int kLanes = 16;
 
-typedef float vf __attribute__((vector_size(64)));
-typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(64)));
+// One vector is one machine register: 16 floats with AVX-512, 8 otherwise (AVX2, NEON pairs). A register tile
+// holds 6 rows × kTileVectors accumulators, sized to leave registers for the B row and the broadcast A element:
+// 24 of AVX-512's 32, 12 of AVX2's 16. Wider vectors than the machine's, or more accumulators than its registers,
+// spill on every multiply-add (6x slower on AVX2).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kTileVectors = 4;
+#else
+constexpr int kLanes = 8;
+constexpr int kTileVectors = 2;
+#endif
+
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef float vf_unaligned __attribute__((vector_size(kLanes * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
 inline void store(float* p, vf x) { *reinterpret_cast<vf_unaligned*>(p) = x; }
@@ -65,19 +76,25 @@ inline vf exp_nonpositive(vf x) {
 // NaN-propagating maximum: a NaN score (a diverged run) must reach the loss, as in XLA's softmax.
 inline vf nan_max(vf x, vf m) { return (x > m) | (x != x) ? x : m; }
 
-// Reduce the 16 lanes by halving (four shuffles) rather than lane by lane.
+// Reduce the lanes by halving (log2(kLanes) shuffles) rather than lane by lane.
 template <typename Op>
 inline float reduce_lanes(vf x, Op op) {
+#if defined(__AVX512F__)
   x = op(x, __builtin_shuffle(x, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
   x = op(x, __builtin_shuffle(x, vi{4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3}));
   x = op(x, __builtin_shuffle(x, vi{2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1}));
   x = op(x, __builtin_shuffle(x, vi{1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0}));
+#else
+  x = op(x, __builtin_shuffle(x, vi{4, 5, 6, 7, 0, 1, 2, 3}));
+  x = op(x, __builtin_shuffle(x, vi{2, 3, 0, 1, 2, 3, 0, 1}));
+  x = op(x, __builtin_shuffle(x, vi{1, 0, 1, 0, 1, 0, 1, 0}));
+#endif
   return x[0];
 }
 inline float horizontal_max(vf x) { return reduce_lanes(x, nan_max); }
 inline float horizontal_sum(vf x) { return reduce_lanes(x, [](vf a, vf b) { return a + b; }); }
 
-// C[rows, 16·vectors] (+)= A[rows, depth] · B[depth, 16·vectors], with A(r, k) at a[r·a_row + k·a_col] (so A may be
+// C[rows, kLanes·vectors] (+)= A[rows, depth] · B[depth, kLanes·vectors], with A(r, k) at a[r·a_row + k·a_col] (so A may be
 // read transposed), B and C row-major. The accumulators stay in registers for the whole depth.
 template <int kRows, int kVectors>
 inline void tile(int depth, const float* a, long a_row, long a_col, const float* b, long ldb, float* c, long ldc,
@@ -97,16 +114,18 @@ inline void tile(int depth, const float* a, long a_row, long a_col, const float*
     for (int v = 0; v < kVectors; ++v) store(c + r * ldc + v * kLanes, acc[r][v]);
 }
 
-// Calls tile(rows, vectors, r, col) over C[m, n] (n a multiple of 16) in strips of 6, 2 and 1 rows and up to 4
-// vectors of columns, with rows and vectors as compile-time constants.
+// Calls tile(rows, vectors, r, col) over C[m, n] (n a multiple of kLanes) in strips of 6, 2 and 1 rows and up to
+// kTileVectors vectors of columns, with rows and vectors as compile-time constants.
 template <typename Tile>
 inline void for_each_tile(int m, int n, const Tile& tile) {
-  for (int col = 0; col < n; col += 4 * kLanes) {
-    const int vectors = std::min(4 * kLanes, n - col) / kLanes;
+  for (int col = 0; col < n; col += kTileVectors * kLanes) {
+    const int vectors = std::min(kTileVectors * kLanes, n - col) / kLanes;
     const auto strip = [&](auto rows, int r) {
       switch (vectors) {
+#if defined(__AVX512F__)
         case 4: return tile(rows, std::integral_constant<int, 4>{}, r, col);
         case 3: return tile(rows, std::integral_constant<int, 3>{}, r, col);
+#endif
         case 2: return tile(rows, std::integral_constant<int, 2>{}, r, col);
         default: return tile(rows, std::integral_constant<int, 1>{}, r, col);
       }
