@@ -2,7 +2,8 @@
 
     python -m scripts.bench --config bench-s|bench-4k [--steps N] [--warmup N] [--dtype bfloat16|float32]
                             [--remat full|save_dots|save_attention_out|none] [--attention-chunk N]
-                            [--attention-impl auto|dense|chunked] [--loss-chunk N] [--peer/--no-peer] [--json OUT]
+                            [--attention-impl auto|dense|chunked|flash_cpu] [--loss-chunk N] [--peer/--no-peer]
+                            [--json OUT]
 
 OURS is `Trainer.jit_step` on a one-device mesh (synthetic random tokens, one fixed batch, AdamW with clipping);
 the PEER is `transformers.LlamaForCausalLM` of the same shape (float32 weights, `torch.autocast(cpu, bfloat16)` for
@@ -157,6 +158,28 @@ def compiled_stats(compiled: Any) -> dict[str, float]:
             "xla_output_bytes": memory.output_size_in_bytes}
 
 
+class BenchError(Exception):
+    """A benchmark that cannot give a meaningful figure here; the message says why and what to run instead."""
+
+
+# A bfloat16 matmul this much slower than float32 means the CPU has no bfloat16 arithmetic for torch to use
+# (AVX512-BF16, AMX or Arm BF16): oneDNN then falls back to a reference loop at ~1 GFLOP/s (seen on Zen 3), and one
+# autocast step of bench-S would take hours.
+SLOW_BF16_FRACTION = 0.25
+BF16_PROBE_SIZE = 256
+
+
+def check_torch_bfloat16(perf: Any) -> None:
+    """Raise BenchError if torch's bfloat16 matmul is far slower than its float32 one on this CPU."""
+    rates = {dtype: perf.measure_torch_matmul_ceiling(dtype, size=BF16_PROBE_SIZE, repeats=3)
+             for dtype in ("bfloat16", "float32")}
+    if rates["bfloat16"] < SLOW_BF16_FRACTION * rates["float32"]:
+        raise BenchError(
+            f"torch's bfloat16 matmul runs at {rates['bfloat16'] / 1e9:.1f} GFLOP/s on this CPU against "
+            f"{rates['float32'] / 1e9:.0f} in float32 (no bfloat16 arithmetic: AVX512-BF16, AMX or Arm BF16), so "
+            f"the bfloat16-autocast peer would take hours per step; compare in float32: --dtype float32")
+
+
 class PeerStep:
     """Hugging Face LlamaForCausalLM trained the usual PyTorch way."""
 
@@ -165,6 +188,8 @@ class PeerStep:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.set_num_threads(2)
+        if spec.dtype == "bfloat16":
+            check_torch_bfloat16(perf)
         torch.manual_seed(SEED)
         model = spec.model
         config = LlamaConfig(
@@ -228,7 +253,11 @@ def serve(role: str, spec: BenchSpec) -> int:
         worker: OurStep | PeerStep = OurStep(spec)
     else:
         perf = load_perf_lean()
-        worker = PeerStep(spec, perf)
+        try:
+            worker = PeerStep(spec, perf)
+        except BenchError as error:
+            reply({"event": "unusable", "reason": str(error)})
+            return 0
     reply({"event": "ready", "setup_seconds": time.perf_counter() - start, **worker.info})
     for line in sys.stdin:
         command = line.strip()
@@ -301,6 +330,8 @@ def run_lockstep(spec: BenchSpec, roles: Sequence[str], warmup: int, steps: int,
             started = time.perf_counter()
             children[role] = Child(role, spec, log_dir)
             ready = children[role].request(None)
+            if ready["event"] == "unusable":
+                raise BenchError(f"{role}: {ready['reason']}")
             results[role] = SideResult(info=ready, ready_seconds=time.perf_counter() - started)
             say(f"{role}: ready after {results[role].ready_seconds:.1f} s")
         for index in range(warmup):
@@ -459,7 +490,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--remat", choices=("full", "save_dots", "save_attention_out", "none"), default="full")
     parser.add_argument("--attention-chunk", type=int, default=None, help="model.attention_chunk (default 256)")
-    parser.add_argument("--attention-impl", choices=("auto", "dense", "chunked"), default=None)
+    parser.add_argument("--attention-impl", choices=("auto", "dense", "chunked", "flash_cpu"), default=None)
     parser.add_argument("--loss-chunk", type=int, default=None,
                         help="override trainer.LOSS_CHUNK (sequence positions per output-head chunk)")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
@@ -490,7 +521,11 @@ def main(argv: Sequence[str]) -> int:
     say = _printer(sys.stderr)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-") as log_dir:
-        results = run_lockstep(spec, roles, args.warmup, args.steps, Path(log_dir), say)
+        try:
+            results = run_lockstep(spec, roles, args.warmup, args.steps, Path(log_dir), say)
+        except BenchError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     summary = summarise(spec, results)
     summary["load_average_before"], summary["load_average_after"] = load_before, os.getloadavg()
     print(format_table(summary))

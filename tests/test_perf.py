@@ -109,3 +109,20 @@ def test_bench_summary_arithmetic_and_table():
                                                        "cpu_seconds_per_step": 2.0})
     table = format_table(summary)
     assert "ours/peer" in table and "1,000" in table and "50.0%" in table
+
+
+@pytest.mark.parametrize("bf16_rate, usable", [(1.4e9, False), (19e9, False), (21e9, True), (400e9, True)])
+def test_bench_refuses_a_bfloat16_peer_without_bfloat16_arithmetic(bf16_rate, usable):
+    """A CPU whose torch bf16 matmul is under a quarter of its f32 rate (80 GFLOP/s here) gets one clear error."""
+    from scripts.bench import BenchError, check_torch_bfloat16
+
+    class MadeUpRates:
+        @staticmethod
+        def measure_torch_matmul_ceiling(dtype, size, repeats):
+            return {"bfloat16": bf16_rate, "float32": 80e9}[dtype]
+
+    if usable:
+        check_torch_bfloat16(MadeUpRates())
+    else:
+        with pytest.raises(BenchError, match=r"--dtype float32"):
+            check_torch_bfloat16(MadeUpRates())
