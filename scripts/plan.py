@@ -23,7 +23,8 @@ Caveat, printed with the results: XLA:CPU's compiled memory differs from XLA:GPU
 bf16 arithmetic (it upcasts and may keep float32 copies), uses all-reduce where GPUs reduce-scatter, schedules buffers
 differently and has none of the GPU's fusion- or cuDNN/NCCL-specific workspace. Parameters, optimizer state and
 gradients are exact (they follow from shapes and shardings); activations and temporaries are an estimate, usually on
-the high side.
+the high side. Attention is compiled as XLA's chunked attention, as `auto` runs it on a GPU, never the CPU
+flash-attention kernel (an opaque custom call the FLOP count cannot see into).
 """
 from __future__ import annotations
 
@@ -100,6 +101,19 @@ def preset_name(model: Any) -> str | None:
         if {k: v for k, v in dataclasses.asdict(preset).items() if k not in how} == shape:
             return name
     return None
+
+
+def attention_as_on_gpu(config: Any) -> Any:
+    """The config with attention as a GPU run computes it: `auto` would pick the CPU flash-attention kernel on these
+    simulated CPU devices, an opaque custom call whose products the FLOP count cannot see; on a GPU it is XLA's
+    attention, which `chunked` compiles (one query block when the sequence is no longer than a chunk)."""
+    impl = config.model.attention_impl
+    if impl == "flash_cpu":
+        raise ValueError("model.attention_impl=flash_cpu is a CPU kernel and a plan is for GPUs: use auto, chunked or "
+                         "dense")
+    if impl != "auto":
+        return config
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl="chunked"))
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -473,6 +487,7 @@ def main(argv: Sequence[str]) -> int:
     if args.memory_gib:
         accelerator = dataclasses.replace(accelerator, memory_gib=args.memory_gib)
     try:
+        config = attention_as_on_gpu(config)
         plan = compile_plan(config, mesh_shape, args.micro_batch)
     except (LlamaJaxError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

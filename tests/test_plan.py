@@ -135,3 +135,18 @@ def test_pretraining_configs_follow_the_published_recipes(name, lr, seq_len, tok
             optimizer.clip_norm, optimizer.b1, optimizer.b2) == (lr, 2000, 0.1, 0.1, 1.0, 0.9, 0.95)
     assert config.model.dtype == "bfloat16" and train.document_masking == name.startswith("llama3")
     assert train.batch_size % train.grad_accum == 0
+
+
+def test_plan_counts_attention_flops_as_a_gpu_runs_them():
+    # At seq 512 the test model's attention products are most of its FLOPs (12·layers·dim·seq = 786K per token
+    # against 614K for the weights): the CPU flash-attention kernel `auto` picks on these simulated devices would hide them
+    # in a custom call, so the plan compiles XLA's attention and counts them (the forward again under remat).
+    plan = run_plan("train.seq_len=512", "model.max_seq_len=512", "--devices", "8", "--mesh", "8,1,1",
+                    "--no-suggest")
+    ratio = plan["flops"]["executed_global"] / plan["model_flops_per_step"]
+    assert 1.0 < ratio < 1.5
+    result = subprocess.run([sys.executable, "scripts/plan.py", "configs/tiny.yaml", *SMALL,
+                             "model.attention_impl=flash_cpu", "--devices", "8"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: model.attention_impl=flash_cpu is a CPU kernel and a plan is for GPUs: use auto, chunked or dense"]
