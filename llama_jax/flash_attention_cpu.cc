@@ -52,7 +52,9 @@ typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
 inline void store(float* p, vf x) { *reinterpret_cast<vf_unaligned*>(p) = x; }
-inline vf splat(float x) { return vf{} + x; }
+// Lane 0 shuffled into every lane: one broadcast instruction. (vf{} + x costs an extra add of 0.0, which may not be
+// dropped since -0.0 + 0.0 is +0.0; filling the lanes one by one compiles to a chain of inserts.)
+inline vf splat(float x) { return __builtin_shuffle(vf{x}, vi{}); }
 
 // exp for x <= 0 (Cephes' expf polynomial, ~1 ulp); inputs below -87 give ~0, NaN gives NaN.
 inline vf exp_nonpositive(vf x) {
@@ -269,15 +271,18 @@ RowMask row_mask(const Mask& mask, const Shape& shape, long b) {
           mask.key_slots + b * shape.keys, mask.key_segments + b * shape.keys, shape.queries, shape.keys};
 }
 
-// Keys (or values) of one (batch row, kv head) as float32, row-major [padded t, d] or transposed [d, padded t];
-// padding is zero.
+// Keys (or values) of one (batch row, kv head) as float32, row-major [padded t, d], or transposed block by block,
+// [padded t / 64][d][64]; padding is zero. Either way one key block is 64·d contiguous floats: a plain transposed
+// [d, padded t] would put a block's d rows a power-of-two stride apart (4 KiB at 1K keys, 16 KiB at 4K), all in
+// the same few L1 sets, and the score product would miss L1 on most of its loads.
 template <typename T>
 void pack_keys(const T* x, const Shape& shape, long b, long kv, bool transposed, float* out) {
   const long t_pad = shape.padded_keys(), d = shape.head_dim;
   std::fill(out, out + t_pad * d, 0.0f);
   for (long j = 0; j < shape.keys; ++j) {
     const T* src = x + ((b * shape.keys + j) * shape.kv_heads + kv) * d;
-    for (long e = 0; e < d; ++e) (transposed ? out[e * t_pad + j] : out[j * d + e]) = to_float(src[e]);
+    float* block_t = out + j / kBlock * kBlock * d + j % kBlock;
+    for (long e = 0; e < d; ++e) (transposed ? block_t[e * kBlock] : out[j * d + e]) = to_float(src[e]);
   }
 }
 
@@ -345,7 +350,7 @@ struct FloatProducts {
     pack_queries(q, shape, b, kv, q0, n, 1.0f, queries.data());
   }
   void scores(long rows, long k0, float* out) {
-    matmul(rows, kBlock, d, queries.data(), d, 1, keys_t.data() + k0, t_pad, out, kBlock, false);
+    matmul(rows, kBlock, d, queries.data(), d, 1, keys_t.data() + k0 * d, kBlock, out, kBlock, false);
   }
   void add_values(long rows, long k0, const float* probs, float* acc) {
     matmul(rows, d, kBlock, probs, kBlock, 1, values.data() + k0 * d, d, acc, d, true);
@@ -497,10 +502,11 @@ struct FloatGradProducts {
   }
   void pack_query_rows(const T*, const T*, long, long, long, long, long) {}
   void scores(long rows, long base, long k0, float* out) {
-    matmul(rows, kBlock, d, queries + base * d, d, 1, keys_t.data() + k0, t_pad, out, kBlock, false);
+    matmul(rows, kBlock, d, queries + base * d, d, 1, keys_t.data() + k0 * d, kBlock, out, kBlock, false);
   }
   void grad_probs(long rows, long base, long k0, float* out) {
-    matmul(rows, kBlock, d, grads_out + base * d, d, 1, values_t.data() + k0, t_pad, out, kBlock, false);
+    matmul(rows, kBlock, d, grads_out + base * d, d, 1, values_t.data() + k0 * d, kBlock, out, kBlock,
+           false);
   }
   void add_grad_queries(long rows, long k0, const float* grad_scores, float* grads_q) {
     matmul(rows, d, kBlock, grad_scores, kBlock, 1, keys.data() + k0 * d, d, grads_q, d, true);
