@@ -126,3 +126,34 @@ def test_bench_refuses_a_bfloat16_peer_without_bfloat16_arithmetic(bf16_rate, us
     else:
         with pytest.raises(BenchError, match=r"--dtype float32"):
             check_torch_bfloat16(MadeUpRates())
+
+
+def test_bench_stops_with_the_peers_reason_when_it_cannot_run(monkeypatch, tmp_path):
+    """A child that answers 'unusable' ends the run with its reason, and the children already started are killed."""
+    import scripts.bench as bench
+
+    started = []
+
+    class FakeChild:
+        def __init__(self, role, spec, log_dir):
+            self.role, self.killed = role, False
+            self.process = self
+            started.append(self)
+
+        def request(self, command):
+            if self.role == "peer":
+                return {"event": "unusable", "reason": "no bfloat16 here; --dtype float32"}
+            return {"event": "ready"}
+
+        def kill(self):
+            self.killed = True
+
+        def wait(self):
+            return -9
+
+    monkeypatch.setattr(bench, "Child", FakeChild)
+    spec = bench.BenchSpec(config="bench-s", seq_len=1024, batch=8, dtype="bfloat16", remat="full",
+                           attention_chunk=None, attention_impl=None, loss_chunk=None)
+    with pytest.raises(bench.BenchError, match=r"^peer: no bfloat16 here; --dtype float32$"):
+        bench.run_lockstep(spec, ["ours", "peer"], 1, 1, tmp_path, lambda text: None)
+    assert [child.killed for child in started] == [True, True]
