@@ -15,11 +15,11 @@ import json
 import sys
 from typing import Iterator, Sequence, TextIO
 
-from llama_jax.chat import CHAT_STYLES, Message, dialog_prompt
-from llama_jax.errors import ConfigError, run_program
+from llama_jax.chat_format import CHAT_STYLES, Message, dialog_prompt
+from llama_jax.errors import ConfigError
+from llama_jax.cli import add_model_arguments, run_program
 
-from eval.generate import (add_model_arguments, add_sampling_arguments, load_model_and_tokenizer,
-                           resolve_chat_format, sampling_from_args, stop_ids_for)
+from eval.generate import add_sampling_arguments, resolve_chat_format, sampling_from_args, stop_ids_for
 
 EXIT_COMMAND = "/exit"
 USER_PROMPT = "> "
@@ -106,7 +106,9 @@ def main(argv: Sequence[str]) -> int:
     sampling = sampling_from_args(args)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is not allowed: expected at least 1")
-    model, tokenizer = load_model_and_tokenizer(args)
+    from llama_jax.scoring import model_from_args
+
+    model, tokenizer, _ = model_from_args(args)
     session = ChatSession(model, tokenizer, resolve_chat_format(args.chat_format, tokenizer), system=args.system,
                           max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
     run_chat(session, sys.stdin, sys.stdout, interactive=sys.stdin.isatty(),
@@ -117,7 +119,7 @@ def main(argv: Sequence[str]) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval.chat", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_model_arguments(parser, mesh=False)
     parser.add_argument("--chat-format", choices=("auto", *CHAT_STYLES), default="auto",
                         help="chat format (default: llama3 for a Llama 3 tokenizer, else llama2)")
     add_sampling_arguments(parser, max_new_tokens=256)

@@ -18,20 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from llama_jax.chat import CHAT_STYLES, Message, dialog_prompt, generation_stop_ids
-from llama_jax.errors import ConfigError, DataError, TokenizerError, run_program
+from llama_jax.chat_format import CHAT_STYLES, Message, dialog_prompt, generation_stop_ids
+from llama_jax.jsonl import read_jsonl
+from llama_jax.errors import ConfigError, DataError
+from llama_jax.cli import add_model_arguments, run_program
 
 CHAT_FORMAT_NONE = "none"
 
 
 # ── Arguments shared with eval.chat ──────────────────────────────────────────────────────────────────────────────
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (llama-jax, Hugging Face, Meta or run)")
-    parser.add_argument("--tokenizer", help="tokenizer file or directory (default: tokenizer.model in --model)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
-                        help="compute dtype (default: the checkpoint's; bfloat16 for Hugging Face and Meta)")
-
-
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="token limit per answer")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -45,23 +40,6 @@ def sampling_from_args(args: argparse.Namespace):
     from llama_jax.generate import Sampling
 
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-
-
-def load_model_and_tokenizer(args: argparse.Namespace):
-    """The model and its tokenizer, checked to agree on the vocabulary."""
-    import llama_jax
-    from llama_jax.tokenizer import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
-    except TokenizerError as error:
-        hint = "" if args.tokenizer else " (pass --tokenizer PATH)"
-        raise TokenizerError(f"{error}{hint}") from None
-    model = llama_jax.load(args.model, dtype=args.dtype)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise TokenizerError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model only "
-                             f"{model.config.vocab_size}: they do not belong together")
-    return model, tokenizer
 
 
 def resolve_chat_format(requested: str, tokenizer) -> str:
@@ -96,14 +74,10 @@ def read_prompts(path: str | Path) -> list[str]:
         raise DataError(f"{path}: no prompts (the file is empty)")
     if not numbered[0][1].lstrip().startswith("{"):
         return [line for _, line in numbered]
-    return [_json_prompt(path, number, line) for number, line in numbered]
+    return [_json_prompt(path, number, record) for number, record in read_jsonl(path, "prompts")]
 
 
-def _json_prompt(path: str | Path, line_number: int, line: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+def _json_prompt(path: str | Path, line_number: int, record: object) -> str:
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
         raise DataError(f'{path}:{line_number}: expected an object with a string "prompt"')
     return record["prompt"]
@@ -147,7 +121,9 @@ def main(argv: Sequence[str]) -> int:
     if args.system is not None and args.chat_format == CHAT_FORMAT_NONE:
         raise ConfigError("--system needs a chat format: pass --chat-format llama2 or llama3")
     sampling = sampling_from_args(args)
-    model, tokenizer = load_model_and_tokenizer(args)
+    from llama_jax.scoring import model_from_args
+
+    model, tokenizer, _ = model_from_args(args)
     results = complete(model, tokenizer, prompts, chat_format=args.chat_format, system=args.system,
                        max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                        batch_size=args.batch_size)
@@ -164,7 +140,7 @@ def main(argv: Sequence[str]) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_model_arguments(parser, mesh=False)
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--prompts", help="file of prompts: one per line, or JSONL with a \"prompt\" key")
     parser.add_argument("--chat-format", choices=(*CHAT_STYLES, CHAT_FORMAT_NONE), default=CHAT_FORMAT_NONE,

@@ -15,9 +15,9 @@ model_args: path (checkpoint of any format), tokenizer (default: the checkpoint 
 mesh (DATAxFSDPxTENSOR, default 1x-1x1), max_length (default: the model's max_seq_len), max_gen_toks. The batch size
 is lm-eval's own --batch_size (rounded up to a multiple of the device count; "auto" means 8).
 
-Requests map onto `llama_jax.evaluate`: loglikelihood → score_continuations, loglikelihood_rolling →
-rolling_log_likelihoods, generate_until → greedy_generate (greedy whatever the sampling settings; a request asking
-for sampling gets a warning). One process; the model is sharded over that process's devices.
+Requests map onto `llama_jax.scoring`: loglikelihood → score_continuations, loglikelihood_rolling →
+rolling_log_likelihoods; generate_until → `llama_jax.generate.generate` (greedy whatever the sampling settings; a
+request asking for sampling gets a warning), cut at the first stop string. One process; the model is sharded over that process's devices.
 """
 from __future__ import annotations
 
@@ -30,18 +30,14 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry, register_model
 
-from llama_jax.evaluate import (greedy_generate, load_scorer, rolling_log_likelihoods, score_continuations,
-                                truncate_at_stop)
+from llama_jax.cli import parse_mesh
+from llama_jax.generate import generate
+from llama_jax.params import merge_params
+from llama_jax.scoring import load_scorer, rolling_log_likelihoods, score_continuations, truncate_at_stop
 
 MODEL_NAME = "llama_jax"
 DEFAULT_MAX_GEN_TOKS = 256
 logger = logging.getLogger(__name__)
-
-
-def _parse_mesh(text: str) -> tuple[int, int, int]:
-    from llama_jax.evaluate import parse_mesh
-
-    return parse_mesh(str(text).replace("x", ","))
 
 
 def _as_batch_size(value: Any, default: int) -> int:
@@ -58,7 +54,7 @@ class LlamaJaxLM(LM):
         super().__init__()
         if unused:  # lm-eval adds device / max_batch_size for every model; JAX picks its devices itself
             logger.info("llama_jax ignores %s", sorted(unused))
-        self.scorer, self.tokenizer = load_scorer(path, tokenizer, dtype=dtype, mesh=_parse_mesh(mesh))
+        self.scorer, self.tokenizer = load_scorer(path, tokenizer, dtype=dtype, mesh=parse_mesh(mesh, option="model_args mesh="))
         self.batch_size = _as_batch_size(batch_size, 8)
         self.max_length = int(max_length) if max_length else self.scorer.config.max_seq_len
         self.max_gen_toks = int(max_gen_toks)
@@ -109,14 +105,9 @@ class LlamaJaxLM(LM):
     def _generate(self, contexts: Sequence[str], stops: list[str], max_new: int) -> list[str]:
         budget = max(self.max_length - max_new, 1)  # keep the prompt's end when prompt + answer would not fit
         prompts = [([self.tokenizer.bos_id] + self.tokenizer.encode(context))[-budget:] for context in contexts]
-
-        def finished(row: int, tokens: list[int]) -> bool:
-            text = self.tokenizer.decode(tokens)
-            return any(stop in text for stop in stops)
-
-        generated = greedy_generate(self.scorer, prompts, max_new, stop_ids=self.tokenizer.stop_ids,
-                                    is_finished=finished if stops else None)
-        return [truncate_at_stop(self.tokenizer.decode(tokens), stops) for tokens in generated]
+        model = merge_params(self.scorer.graphdef, self.scorer.params)
+        completions = generate(model, prompts, max_new_tokens=max_new, stop_ids=self.tokenizer.stop_ids)
+        return [truncate_at_stop(self.tokenizer.decode(completion.tokens), stops) for completion in completions]
 
     # ── What lm-eval records about the model ────────────────────────────────────────────────────────────────
     @property

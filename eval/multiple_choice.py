@@ -16,11 +16,11 @@ import argparse
 import json
 from typing import Sequence
 
-from llama_jax.errors import run_program
+from llama_jax.cli import run_program
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llama_jax.evaluate import add_model_arguments
+    from llama_jax.cli import add_model_arguments
 
     parser = argparse.ArgumentParser(prog="python -m eval.multiple_choice", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
-    from llama_jax.evaluate import read_multiple_choice, score_multiple_choice, scorer_from_args
+    from llama_jax.scoring import read_multiple_choice, score_multiple_choice, scorer_from_args
 
     examples = read_multiple_choice(args.data)
     scorer, tokenizer = scorer_from_args(args)

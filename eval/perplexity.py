@@ -25,13 +25,13 @@ from typing import Sequence
 
 import jax
 
-from llama_jax.errors import run_program
+from llama_jax.cli import run_program
 
 STDLIB_PREFIX = "stdlib:"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llama_jax.evaluate import add_model_arguments
+    from llama_jax.cli import add_model_arguments
 
     parser = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +73,7 @@ def resolve_data(entries: Sequence[str]) -> list[Path | str]:
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     from llama_jax.errors import ConfigError
-    from llama_jax.evaluate import count_text_bytes, evaluate_perplexity, open_text_store, scorer_from_args
+    from llama_jax.scoring import count_text_bytes, evaluate_perplexity, open_text_store, scorer_from_args
 
     scorer, tokenizer = scorer_from_args(args)
     sources = resolve_data(args.data)

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -47,7 +46,8 @@ from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpoin
 from llama_jax.config import RunConfig, resolve_model
 from llama_jax.distributed import barrier
 from llama_jax.errors import CheckpointError, LlamaJaxError
-from llama_jax.layout import param_shapes
+from llama_jax.params import param_shapes
+from llama_jax.perf import format_bytes
 
 CHECKPOINTS = "checkpoints"
 ITEMS = ("params", "opt_state", "meta", "config")
@@ -133,16 +133,37 @@ class RunCheckpoints:
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=settings.async_save, cleanup_tmp_directories=True, create=True,
             preservation_policy=policies.AnyPreservationPolicy(keep), save_root_metadata=False)
-        # Arrays: Orbax's PyTree handler (the format StandardCheckpointer reads), uncompressed unless asked: zstd
-        # saves ~8% of float32 bytes at the cost of 2-4x slower saves and restores (scripts/bench_checkpoint.py).
+        # Arrays: Orbax's PyTree handler (the format StandardCheckpointer reads), uncompressed unless asked: float32
+        # state compresses poorly, so zstd saves little space and costs much save and restore time
+        # (scripts/bench_checkpoint.py; figures in benchmarks/).
         arrays = lambda: ocp.PyTreeCheckpointHandler(use_compression=settings.compress)  # noqa: E731
         handlers = {"params": arrays(), "opt_state": arrays(),
                     "meta": _MetaHandler(filename=META_FILE), "config": JsonCheckpointHandler(filename=CONFIG_FILE)}
         self.manager = _Manager(self.directory, options=options, item_handlers=handlers)
+        self.last_save = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        """Whether `step` is to be saved: every `checkpoint.every_steps`, the run's last step, and once
+        `checkpoint.every_minutes` have passed since the last save (in a multi-process run, decided by process 0 at
+        logging steps, where the processes meet anyway, so that they all save the same step)."""
+        settings = self.config.checkpoint
+        if (settings.every_steps and step % settings.every_steps == 0) or step == self.config.train.steps:
+            return True
+        if not settings.every_minutes:
+            return False
+        elapsed = time.monotonic() - self.last_save >= settings.every_minutes * 60
+        if jax.process_count() == 1:
+            return elapsed
+        if step % self.config.train.log_every_steps:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(elapsed)))
 
     # ── Saving ──
     def save(self, step: int, state, meta: Mapping[str, Any]) -> bool:
         """Start saving `state` as step `step` (asynchronous unless checkpoint.async_save=false); False if present."""
+        self.last_save = time.monotonic()
         if step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(
@@ -461,14 +482,6 @@ def _size(path: Path) -> int:
     return total
 
 
-def format_size(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return ""
-
-
 def format_listing(listings: Sequence[Listing]) -> str:
     rows = [("step", "saved", "size", "status", "next batch", "loss", "rollbacks", "")]
     for entry in listings:
@@ -479,7 +492,7 @@ def format_listing(listings: Sequence[Listing]) -> str:
         loss_text = f"{loss:.4f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else "-"
         rollbacks = str(len(meta.get("guard", {}).get("rollbacks", []))) if meta else "-"
         label = str(entry.step) if entry.status in ("complete", "unreadable", "incomplete") else entry.name
-        rows.append((label, saved, format_size(entry.size), entry.status, batch, loss_text, rollbacks, entry.detail))
+        rows.append((label, saved, format_bytes(entry.size), entry.status, batch, loss_text, rollbacks, entry.detail))
     widths = [max(len(row[i]) for row in rows) for i in range(7)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row[:7], widths)).rstrip()
                      + (f"  {row[7]}" if row[7] else "") for row in rows)
@@ -504,6 +517,6 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    from llama_jax.errors import run_program
+    from llama_jax.cli import run_program
 
     run_program(main)

@@ -58,6 +58,7 @@ import numpy as np
 import tensorstore as ts
 
 from llama_jax.errors import DataError
+from llama_jax.jsonl import read_jsonl
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 PathLike = str | os.PathLike[str]
@@ -107,10 +108,9 @@ def _expand_source(entry: str) -> list[Path]:
 
 def read_documents(path: Path) -> list[str]:
     """The documents of one source: a JSONL file's "text" fields, or a whole text file as one document."""
-    text = _read_utf8(path)
     if path.suffix == ".jsonl":
-        return list(_jsonl_texts(path, text))
-    return [text]
+        return list(_jsonl_texts(path))
+    return [_read_utf8(path)]
 
 
 def _read_utf8(path: Path) -> str:
@@ -125,14 +125,8 @@ def _read_utf8(path: Path) -> str:
     return text.removeprefix("\ufeff")  # a byte-order mark is not content
 
 
-def _jsonl_texts(path: Path, text: str) -> Iterator[str]:
-    for line_number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+def _jsonl_texts(path: Path) -> Iterator[str]:
+    for line_number, record in read_jsonl(path, "source"):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DataError(f"{path}:{line_number}: JSON line has no string field 'text'")
         yield record["text"]

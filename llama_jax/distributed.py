@@ -6,8 +6,8 @@ config keys override that, e.g. for several local processes on one machine (`scr
 
 What a multi-process run relies on, and where it lives:
 - one global mesh over every process's devices (`jax.devices()` after `initialize`), with each process placing only
-  its own rows of a global batch (`loop.global_batch` → `jax.make_array_from_process_local_data`);
-- only process 0 writes metrics.jsonl, TensorBoard events and console progress (`loop.MetricsLog`, `loop.train`);
+  its own rows of a global batch (`pretraining_data.global_batch` → `jax.make_array_from_process_local_data`);
+- only process 0 writes metrics.jsonl, TensorBoard events and console progress (`metrics.MetricsLog`, `run_loop.train`);
 - Orbax saves and restores cooperatively: every process writes and reads the shards its devices own;
 - failure ends the job instead of hanging it. JAX's coordination service takes heartbeats from every process; a
   process silent for `distributed.heartbeat_timeout_seconds` (killed, OOM-killed, node lost) makes every other
@@ -31,6 +31,7 @@ from typing import Iterator
 import jax
 
 from llama_jax.config import DistributedConfig
+from llama_jax.cli import abort
 from llama_jax.errors import ConfigError, LlamaJaxError
 
 
@@ -159,25 +160,6 @@ def _exit_on_uncaught_exception() -> None:
         abort(1, f"{exc_type.__name__} in process {jax.process_index()} of {jax.process_count()}")
 
     sys.excepthook = hook
-
-
-def abort(status: int, reason: str) -> None:
-    """End a multi-process run from this process now: the peers notice it as a dead process and stop too.
-
-    For error paths that would otherwise `sys.exit` into JAX's shutdown barrier (see `_exit_on_uncaught_exception`).
-    In a single-process run this is plain `sys.exit(status)`.
-    """
-    if not jax.distributed.is_initialized() or jax.process_count() == 1:
-        sys.exit(status)
-    print(f"error: {reason}; stopping this process now — the other processes stop when they notice "
-          "(at once if this is process 0, else within distributed.heartbeat_timeout_seconds)", file=sys.stderr)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(status)
-
 
 
 def barrier(name: str) -> None:

@@ -1,12 +1,9 @@
 """The project's exceptions: every user-facing error is a LlamaJaxError with a message that names the offending key, path or shape."""
 from __future__ import annotations
 
-import sys
-from typing import Callable, NoReturn, Sequence
-
 
 class LlamaJaxError(Exception):
-    """Base class: programs print `error: <message>` on one line and exit 2 instead of a traceback."""
+    """Base class: programs print `error: <message>` on one line and exit 2 instead of a traceback (`llama_jax.cli`)."""
 
 
 class ConfigError(LlamaJaxError):
@@ -35,17 +32,3 @@ class ChatFormatError(LlamaJaxError):
 
 class KernelError(LlamaJaxError):
     """A native kernel that was asked for but cannot be built or used here."""
-
-
-def run_program(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run a program's main; a LlamaJaxError becomes one line on stderr and exit status 2."""
-    try:
-        status = main(sys.argv[1:] if argv is None else argv)
-    except LlamaJaxError as error:
-        print(f"error: {error}", file=sys.stderr)
-        if "jax" in sys.modules:  # a multi-process run must not wait in JAX's shutdown barrier for its peers
-            from llama_jax.distributed import abort
-
-            abort(2, "a user error ended this process")
-        sys.exit(2)
-    sys.exit(status or 0)

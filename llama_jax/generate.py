@@ -37,7 +37,8 @@ from flax import nnx
 
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
-from llama_jax.model import AttentionMask, LayerInputs, Llama, Rotary, output_head, rope_frequencies
+from llama_jax.attention import AttentionMask
+from llama_jax.model import LayerInputs, Llama, Rotary, output_head, rope_frequencies
 
 Array = jax.Array
 FinishReason = Literal["stop", "length"]
@@ -197,8 +198,8 @@ def _unstack_jitted(embedding: Array, output: Array | None, final_norm: nnx.Stat
     return DecodeWeights(cast(embedding), None if output is None else cast(output), cast(final_norm), layers)
 
 
-def _forward(arch: Architecture, weights: DecodeWeights, tokens: Array, positions: Array, segment_ids: Array,
-             cache: LayerCache) -> tuple[Array, LayerCache]:
+def forward(arch: Architecture, weights: DecodeWeights, tokens: Array, positions: Array, segment_ids: Array,
+            cache: LayerCache) -> tuple[Array, LayerCache]:
     """Llama.hidden_states with a cache, one layer after another: final-normed hidden states [batch, seq, dim].
 
     The blocks are the model's own `Block` modules; only the loop over layers differs (unrolled, per-layer buffers).
@@ -218,7 +219,7 @@ def _forward(arch: Architecture, weights: DecodeWeights, tokens: Array, position
     return hidden, LayerCache(tuple(layer_caches), mask.key_segments, start + length)
 
 
-def _logits(arch: Architecture, weights: DecodeWeights, hidden: Array) -> Array:
+def output_logits(arch: Architecture, weights: DecodeWeights, hidden: Array) -> Array:
     """Llama.logits: the output head, float32 logits."""
     return output_head(hidden, weights.embedding, weights.output, arch.config.dtype)
 
@@ -252,9 +253,9 @@ def _prefill(arch: Architecture, weights: DecodeWeights, prompts: PaddedPrompts,
     """Run the whole padded prompt through the model into a fresh cache and draw the first new token."""
     batch = prompts.tokens.shape[0]
     cache = LayerCache.empty(arch.config, batch, cache_len)
-    hidden, cache = _forward(arch, weights, prompts.tokens, prompts.positions, prompts.segment_ids, cache)
+    hidden, cache = forward(arch, weights, prompts.tokens, prompts.positions, prompts.segment_ids, cache)
     # Left padding puts every row's last prompt token in the last slot: only that slot's logits are needed.
-    logits = _logits(arch, weights, hidden[:, -1:])[:, 0]
+    logits = output_logits(arch, weights, hidden[:, -1:])[:, 0]
     first = _sample(logits, jax.random.fold_in(rules.key, 0), greedy, rules.sampling)
     output = jnp.full((batch, max_new_tokens), _FILLER_TOKEN, jnp.int32).at[:, 0].set(first)
     return DecodeState(cache, first, prompts.lengths.astype(jnp.int32), _is_stop(first, rules.stop_ids),
@@ -265,9 +266,9 @@ def _decode_step(arch: Architecture, weights: DecodeWeights, state: DecodeState,
                  greedy: bool) -> DecodeState:
     """Feed each row's last token and draw the next; finished rows are fed as padding (segment 0) and keep filler."""
     segment = jnp.where(state.done, 0, 1).astype(jnp.int32)[:, None]
-    hidden, cache = _forward(arch, weights, state.last_token[:, None], state.next_position[:, None], segment,
+    hidden, cache = forward(arch, weights, state.last_token[:, None], state.next_position[:, None], segment,
                              state.cache)
-    logits = _logits(arch, weights, hidden)
+    logits = output_logits(arch, weights, hidden)
     drawn = _sample(logits[:, 0], jax.random.fold_in(rules.key, state.step), greedy, rules.sampling)
     token = jnp.where(state.done, _FILLER_TOKEN, drawn)
     output = jax.lax.dynamic_update_slice(state.output, token[:, None], (0, state.step))

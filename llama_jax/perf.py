@@ -1,7 +1,8 @@
 """Measurement helpers shared by the benchmark and the training program: timing, FLOP/s ceilings, MFU, peak memory.
 
 This module imports only the standard library at the top: jax and torch are imported inside the functions that need
-them, so a process measuring the PyTorch peer's memory can load this file without loading jax (≈ 170 MB of RSS).
+them, so a process measuring the PyTorch peer's memory can load this file without loading jax (whose import alone
+would add to that memory).
 
 Model FLOPs utilisation (MFU) here is the model's FLOPs per second (`ModelConfig.flops_per_token` × tokens/s)
 divided by a matrix-multiply ceiling measured on the same machine in the same run, not by a datasheet peak: on a

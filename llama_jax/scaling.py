@@ -377,7 +377,7 @@ def _log_prediction_terms(theta: np.ndarray, log_params: np.ndarray, log_tokens:
 
 
 def _logsumexp_last(terms: np.ndarray) -> np.ndarray:
-    """log Σ exp over the last axis, shifted by the maximum; scipy's general version costs 3× more here,
+    """log Σ exp over the last axis, shifted by the maximum; scipy's general version costs several times more,
     and the objective is evaluated tens of thousands of times per bootstrap."""
     top = terms.max(axis=-1)
     return top + np.log(np.exp(terms - top[..., None]).sum(axis=-1))
@@ -508,7 +508,7 @@ def fit_parametric(
     data = _log_data(results)
     grid = _initial_grid()
     # scipy's L-BFGS-B calls BLAS on 5×5 problems thousands of times; OpenBLAS's thread hand-off
-    # then dominates, and on a busy 2-core machine makes the fit 2-3× slower than one thread.
+    # then dominates, and on a busy few-core machine makes the fit slower than one thread.
     with threadpool_limits(limits=1, user_api="blas"):
         theta, value = _minimise_from(_best_starts(grid, n_starts, *data, huber_delta), *data, huber_delta)
         if not math.isfinite(value):

@@ -111,7 +111,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules, shape: Seq
 
 
 def param_shardings(specs: Mapping[str, Any], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, NamedSharding]:
-    """NamedShardings for flat parameters, from objects with `.shape` and `.logical_axes` (`layout.param_specs`)."""
+    """NamedShardings for flat parameters, from objects with `.shape` and `.logical_axes` (`params.param_specs`)."""
     return {name: NamedSharding(mesh, logical_to_spec(spec.logical_axes, rules, spec.shape, mesh))
             for name, spec in specs.items()}
 
@@ -119,6 +119,19 @@ def param_shardings(specs: Mapping[str, Any], mesh: Mesh, rules: Rules = DEFAULT
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, shape: Sequence[int] | None = None) -> NamedSharding:
     """Sharding of [batch, length] token arrays."""
     return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, shape, mesh))
+
+
+def place_rows(local: Mapping[str, np.ndarray], global_rows: int, mesh: Mesh,
+               rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
+    """This process's rows of [global_rows, seq] token arrays as global int32 jax.Arrays split along the batch axis.
+
+    Every process passes only the rows it read or built itself (`data.process_rows` says which); no process ever
+    holds the whole batch.
+    """
+    shape = (global_rows, next(iter(local.values())).shape[1])
+    sharding = batch_sharding(mesh, rules, shape)
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value, np.int32), shape)
+            for key, value in local.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

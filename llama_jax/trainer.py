@@ -12,19 +12,18 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
 from llama_jax.config import ModelConfig, OptimizerConfig
-from llama_jax.layout import merge_params, param_specs
+from llama_jax.params import graphdef, merge_params, param_specs
 from llama_jax.model import Llama
+from llama_jax.ops import HEAD_CHUNK, output_head_loss
 from llama_jax.sharding import (DEFAULT_RULES, Rules, activation_sharding, batch_sharding, param_shardings,
                                 replicated)
 
 Batch = Mapping[str, jax.Array]  # inputs, targets, loss_mask [batch, seq]; optional positions, segment_ids
-LOSS_CHUNK = 256  # sequence positions per output-head chunk: full-vocab logits are never materialised at once
 
 
 @struct.dataclass
@@ -76,7 +75,7 @@ class Trainer:
 
     @functools.cached_property
     def graphdef(self) -> nnx.GraphDef:
-        return nnx.split(nnx.eval_shape(lambda: Llama(self.model_config, rngs=nnx.Rngs(0))), nnx.Param)[0]
+        return graphdef(self.model_config)
 
     # ── Shardings ────────────────────────────────────────────────────────────────────────────────────────────
     def param_shardings(self) -> dict[str, NamedSharding]:
@@ -195,8 +194,8 @@ class Trainer:
 def loss_sums(params: dict[str, jax.Array], graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """(sum of token cross-entropies, sum of loss weights), the output head applied chunk by chunk."""
     model = merge_params(graphdef, params)
-    hidden, _ = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
-                                    segment_ids=batch.get("segment_ids"))
+    hidden = model.hidden_states(batch["inputs"], positions=batch.get("positions"),
+                                 segment_ids=batch.get("segment_ids"))
     return chunked_cross_entropy(model, hidden, batch["targets"], batch["loss_mask"])
 
 
@@ -205,81 +204,13 @@ def chunked_cross_entropy(model: Llama, hidden: jax.Array, targets: jax.Array,
     """Cross-entropy of the output head over sequence chunks, never materialising [batch, seq, vocab] logits.
 
     A [batch, seq, vocab] float32 logit tensor and its gradient are the largest temporaries of a Llama step (1 GiB
-    each for batch 8 × 1024 × 32000); chunking keeps them at [batch, LOSS_CHUNK, vocab]. See `output_head_loss`.
+    each for batch 8 × 1024 × 32000); chunking keeps them at [batch, HEAD_CHUNK, vocab]. See `output_head_loss`.
     """
     if model.output is None:  # tied embeddings: the head is the embedding table, [vocab, dim]
         head, layout = model.embedding[...], "vd"
     else:
         head, layout = model.output[...], "dv"
     length = hidden.shape[1]
-    chunk = LOSS_CHUNK if length % LOSS_CHUNK == 0 else length
+    chunk = HEAD_CHUNK if length % HEAD_CHUNK == 0 else length
     return output_head_loss(hidden, head, targets, weights.astype(jnp.float32), layout,
                             jnp.dtype(model.config.dtype), chunk)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def output_head_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, layout: str,
-                     dtype: jnp.dtype, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """(Σ weight · cross-entropy, Σ weight) of logits = hidden · head, chunk by chunk over the sequence.
-
-    hidden [batch, seq, dim] (compute dtype), head [dim, vocab] ("dv") or [vocab, dim] ("vd", tied embeddings),
-    float32 weights [batch, seq]. Differentiated, the forward pass also computes the gradient with respect to the
-    logits, (softmax − one-hot)·weight, while each chunk's logits are at hand, and turns it at once into the
-    gradients of hidden and head: the backward pass only scales them by the loss's cotangent. This avoids
-    recomputing every chunk's logits and softmax in the backward pass (a third of the head's cost). As in
-    `mixed_einsum`, the products run in the compute dtype with float32 accumulation.
-    """
-    (loss, weight), _ = _head_loss_scan(hidden, head, targets, weights, layout, dtype, chunk, with_grads=False)
-    return loss, weight
-
-
-def _head_loss_fwd(hidden, head, targets, weights, layout, dtype, chunk):
-    (loss, weight), (grad_hidden, grad_head) = _head_loss_scan(hidden, head, targets, weights, layout, dtype, chunk,
-                                                               with_grads=True)
-    return (loss, weight), (grad_hidden, grad_head, targets, weights)
-
-
-def _head_loss_bwd(layout, dtype, chunk, residuals, cotangents):
-    grad_hidden, grad_head, targets, weights = residuals
-    loss_cotangent = cotangents[0]  # Σ weight does not depend on the inputs
-    return ((grad_hidden * loss_cotangent.astype(grad_hidden.dtype)), grad_head * loss_cotangent,
-            np.zeros(targets.shape, jax.dtypes.float0), jnp.zeros_like(weights))
-
-
-output_head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
-
-
-def _head_loss_scan(hidden, head, targets, weights, layout, dtype, chunk, *, with_grads):
-    batch, length, dim = hidden.shape
-    head_low = head.astype(dtype)
-    logits_eq = "bsd,dv->bsv" if layout == "dv" else "bsd,vd->bsv"
-    head_grad_eq = "bsd,bsv->dv" if layout == "dv" else "bsd,bsv->vd"
-    hidden_grad_eq = "bsv,dv->bsd" if layout == "dv" else "bsv,vd->bsd"
-
-    def by_chunk(x: jax.Array) -> jax.Array:  # [batch, seq, ...] -> [chunks, batch, chunk, ...]
-        return x.reshape(x.shape[0], length // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
-
-    def add_chunk(carry, pieces):
-        hidden_chunk, target_chunk, weight_chunk = pieces
-        hidden_low = hidden_chunk.astype(dtype)
-        logits = jnp.einsum(logits_eq, hidden_low, head_low, preferred_element_type=jnp.float32)
-        log_normaliser = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0]
-        loss = carry[0] + jnp.sum((log_normaliser - target_logit) * weight_chunk)
-        weight = carry[1] + jnp.sum(weight_chunk)
-        if not with_grads:
-            return (loss, weight), None
-        probs = jnp.exp(logits - log_normaliser[..., None])
-        one_hot = jax.nn.one_hot(target_chunk, logits.shape[-1], dtype=jnp.float32)
-        grad_logits = ((probs - one_hot) * weight_chunk[..., None]).astype(dtype)
-        grad_head = carry[2] + jnp.einsum(head_grad_eq, hidden_low, grad_logits, preferred_element_type=jnp.float32)
-        grad_hidden = jnp.einsum(hidden_grad_eq, grad_logits, head_low, preferred_element_type=jnp.float32)
-        return (loss, weight, grad_head), grad_hidden.astype(hidden.dtype)
-
-    zero = jnp.zeros((), jnp.float32)
-    init = (zero, zero) + ((jnp.zeros(head.shape, jnp.float32),) if with_grads else ())
-    carry, grad_hidden = jax.lax.scan(add_chunk, init, (by_chunk(hidden), by_chunk(targets), by_chunk(weights)))
-    if not with_grads:
-        return carry, None
-    grad_hidden = grad_hidden.swapaxes(0, 1).reshape(batch, length, dim)
-    return carry[:2], (grad_hidden, carry[2].astype(head.dtype))

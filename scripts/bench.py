@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-# Only the standard library above: neither the parent nor the peer's process may import jax (≈ 170 MB of RSS
+# Only the standard library above: neither the parent nor the peer's process may import jax (its import costs RSS
 # charged to the peer directly, or to both children through the parent's high-water mark).
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_SHAPES = {  # config name → (model preset, seq_len, batch)
@@ -96,7 +96,7 @@ class OurStep:
         from llama_jax.sharding import make_mesh
 
         if spec.loss_chunk is not None:
-            trainer_module.LOSS_CHUNK = spec.loss_chunk  # read when the step is traced, which happens below
+            trainer_module.HEAD_CHUNK = spec.loss_chunk  # read when the step is traced, which happens below
         self.jax = jax
         model_config = ModelConfig(**{**spec.model, "rope_scaling": None})  # the bench presets have none
         mesh = make_mesh(devices=jax.devices()[:1])
@@ -163,7 +163,7 @@ class BenchError(Exception):
 
 
 # A bfloat16 matmul this much slower than float32 means the CPU has no bfloat16 arithmetic for torch to use
-# (AVX512-BF16, AMX or Arm BF16): oneDNN then falls back to a reference loop at ~1 GFLOP/s (seen on Zen 3), and one
+# (AVX512-BF16, AMX or Arm BF16): oneDNN then falls back to a reference loop (benchmarks/), and one
 # autocast step of bench-S would take hours.
 SLOW_BF16_FRACTION = 0.25
 BF16_PROBE_SIZE = 256
@@ -492,7 +492,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--attention-chunk", type=int, default=None, help="model.attention_chunk (default 256)")
     parser.add_argument("--attention-impl", choices=("auto", "dense", "chunked", "flash_cpu"), default=None)
     parser.add_argument("--loss-chunk", type=int, default=None,
-                        help="override trainer.LOSS_CHUNK (sequence positions per output-head chunk)")
+                        help="override trainer.HEAD_CHUNK (sequence positions per output-head chunk)")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the Hugging Face PyTorch peer (default: when torch and transformers exist)")
     parser.add_argument("--json", type=Path, default=None, help="write every measurement here")

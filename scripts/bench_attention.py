@@ -4,8 +4,8 @@
 One layer's causal self-attention at the train-step benchmark's shapes (`scripts.bench.BENCH_SHAPES`; bench-S:
 batch 8 × 1024 tokens, bench-4K: 2 × 4096; the bench-s preset's 8 query heads, 4 kv heads, head_dim 64), through each
 implementation in this one process, runs interleaved so that a change in machine load hits them alike:
-- flash_cpu: the native CPU kernel (`llama_jax.cpu_kernels`), what `model.attention_impl=auto` runs on CPU;
-- chunked: XLA's attention in query blocks of the preset's `attention_chunk` (`model.attend_in_chunks`), what auto
+- flash_cpu: the native CPU kernel (`llama_jax.attention.cpu`), what `model.attention_impl=auto` runs on CPU;
+- chunked: XLA's attention in query blocks of the preset's `attention_chunk` (`attention.attend_in_chunks`), what auto
   runs elsewhere;
 - sdpa: PyTorch's `scaled_dot_product_attention(is_causal=True, enable_gqa=True)`, the train-step peer's attention.
 Reported: the median time, and GFLOP/s counting causal attention's useful products only (forward 2·b·h·s²·d,
@@ -35,7 +35,8 @@ def jax_calls(impl: str, model: Any, dtype: str, batch: int,
     import jax
     import jax.numpy as jnp
 
-    from llama_jax.model import AttentionMask, attend_flash_cpu, attend_in_chunks
+    from llama_jax.attention import AttentionMask, attend_in_chunks
+    from llama_jax.attention.cpu import attend_flash_cpu
 
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (batch, length, model.n_heads, model.head_dim)).astype(dtype)
@@ -91,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--runs must be at least 1")
     impls = [impl for impl in args.impls if impl != "sdpa" or importlib.util.find_spec("torch") is not None]
 
-    from llama_jax import cpu_kernels, perf
+    from llama_jax import perf
+    from llama_jax.attention import cpu as cpu_kernels
     from llama_jax.config import MODEL_PRESETS
 
     if "flash_cpu" in impls and (reason := cpu_kernels.unavailable_reason()) is not None:

@@ -8,7 +8,7 @@
    measured in the same run: the same number of bytes written in 64 MB blocks and fsync'ed, in the same
    directory. The first save of a process (thread pools, TensorStore contexts) is reported apart. Before each cold read the files' pages are dropped from the page cache (posix_fadvise DONTNEED),
    so restores read the disk, and a raw read of the same bytes is the reference.
-2. Overhead: `llama_jax.loop.train` itself on the `bench-s` preset in float32 (56M parameters, 0.68 GB of state;
+2. Overhead: `llama_jax.run_loop.train` itself on the `bench-s` preset in float32 (56M parameters, 0.68 GB of state;
    default 8 × 128 tokens per step, so a save is large next to a step), logging every 20 steps and saving every 40,
    asynchronously and then synchronously: each interval holding a save is compared with the interval just before
    it (see `overhead`), and the time each save() holds the loop is timed directly.
@@ -146,7 +146,7 @@ def throughput(workdir: Path, dim: int, layers: int, vocab: int) -> dict:
 
 
 def overhead(workdir: Path, pairs: int, model: str, batch_size: int, seq_len: int) -> dict:
-    """Step-time cost of a save, from paired 20-step logging intervals of one `loop.train` run per mode.
+    """Step-time cost of a save, from paired 20-step logging intervals of one `run_loop.train` run per mode.
 
     With log_every_steps=20 and a checkpoint every 40 steps, the save at step 40k comes right after the interval
     ending at 40k is logged, so intervals ending at 40k + 20 hold a save (its blocking part and the background
@@ -158,7 +158,7 @@ def overhead(workdir: Path, pairs: int, model: str, batch_size: int, seq_len: in
 
     from llama_jax.checkpoint import RunCheckpoints
     from llama_jax.config import load_config
-    from llama_jax.loop import train
+    from llama_jax.run_loop import train
     from llama_jax.perf import median
     from llama_jax.sharding import make_mesh
     from llama_jax.trainer import Trainer

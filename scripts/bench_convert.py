@@ -39,7 +39,7 @@ def make_checkpoint(directory: Path, dim: int, layers: int, vocab: int, dtype: s
     from llama_jax.config import ModelConfig
     from llama_jax.convert import hf
     from llama_jax.convert.common import DTYPES, ParamSource, staged_output
-    from llama_jax.layout import param_shapes
+    from llama_jax.params import param_shapes
 
     config = ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=dim // 128, ffn_hidden_dim=dim * 11 // 4)
 

@@ -36,7 +36,8 @@ def build_models(preset: str, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llama_jax.config import MODEL_PRESETS
-    from llama_jax.layout import hf_mappings, model_from_params, params_from_external
+    from llama_jax.convert.weight_map import hf_mappings, params_from_external
+    from llama_jax.params import model_from_params
 
     config = dataclasses.replace(MODEL_PRESETS[preset], dtype="float32", remat_policy="none")
     torch.manual_seed(seed)
@@ -138,6 +139,6 @@ def print_table(args: argparse.Namespace, config, sides: list[Side], load_before
 
 
 if __name__ == "__main__":
-    from llama_jax.errors import run_program
+    from llama_jax.cli import run_program
 
     run_program(main)

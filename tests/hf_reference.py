@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_jax.config import ModelConfig
-from llama_jax.layout import hf_mappings, model_from_params, params_from_external
+from llama_jax.convert.weight_map import hf_mappings, params_from_external
+from llama_jax.params import model_from_params
 
 
 def hf_config(config: ModelConfig) -> LlamaConfig:

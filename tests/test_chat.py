@@ -16,23 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama_jax.chat import (
+from llama_jax.chat_format import (
     EncodedDialog,
     Message,
-    PackedRows,
-    PackedSFTBatches,
-    pack_dialogs,
     dialog_prompt,
     encode_dialog,
-    gatt_sample,
-    gatt_sampling_dialog,
     generation_stop_ids,
-    main,
     read_conversations,
     validate_conversation,
     write_conversations,
 )
 from llama_jax.errors import ChatFormatError, DataError, TokenizerError
+from llama_jax.gatt import gatt_sample, gatt_sampling_dialog
+from llama_jax.sft_data import PackedRows, PackedSFTBatches, pack_dialogs
+from train.gatt import main
 
 
 class Llama2ByteTokenizer:
@@ -339,7 +336,7 @@ GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": 
 @pytest.mark.parametrize(
     "bad_line, message_part",
     [
-        ('{"messages": [{"role": "user", "content": "q"}', "invalid JSON"),
+        ('{"messages": [{"role": "user", "content": "q"}', "not valid JSON"),
         ('{"messages": []}', "empty conversation"),
         ('{"messages": [{"role": "robot", "content": "q"}]}', "unknown role 'robot'"),
         ('{"messages": [{"role": "assistant", "content": "a"}]}', "message 1 has role 'assistant'"),
@@ -370,7 +367,7 @@ def test_each_bad_line_gives_one_error_naming_file_and_line(tmp_path, bad_line, 
 def test_bad_utf8_and_missing_file(tmp_path):
     path = tmp_path / "chats.jsonl"
     path.write_bytes(GOOD_LINE.encode() + b"\r\n" + GOOD_LINE.replace("q", "\xe9").encode("latin-1") + b"\n")
-    with pytest.raises(ChatFormatError, match=re.escape(f"{path}:2: not UTF-8 text: invalid continuation byte")):
+    with pytest.raises(ChatFormatError, match=re.escape(f"{path}:2: not valid UTF-8 (invalid continuation byte")):
         list(read_conversations(path))
     with pytest.raises(DataError, match="cannot read conversations"):
         list(read_conversations(tmp_path / "missing.jsonl"))
@@ -602,15 +599,23 @@ def test_gatt_script_reports_the_bad_line_and_writes_nothing(tmp_path):
         main(["gatt", "--from-sampling", "--instruction", PIRATE, str(source), str(output)])
     assert not output.exists() and not list(tmp_path.glob("*.partial"))
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.gatt", "--instruction", PIRATE, str(source), str(output)],
+        [sys.executable, "-m", "train.gatt", "gatt", "--instruction", PIRATE, str(source), str(output)],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert len(list(read_conversations(output))) == 2
     write_lines(source, [GOOD_LINE, '{"messages": [{"role": "user", "content": "q"}]}'])
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.gatt", "--instruction", PIRATE, str(source), str(output)],
+        [sys.executable, "-m", "train.gatt", "gatt", "--instruction", PIRATE, str(source), str(output)],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {source}:2: conversation ends on a 'user' message")
+
+
+@pytest.mark.parametrize("old", [["-m", "scripts.gatt"], ["-m", "llama_jax.chat", "gatt"]])
+def test_the_old_gatt_commands_name_the_new_one(old, tmp_path):
+    result = subprocess.run([sys.executable, *old, "--instruction", PIRATE, "in.jsonl", "out.jsonl"],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: `python {' '.join(old[:2])}` is now `python -m train.gatt`"]

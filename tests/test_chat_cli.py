@@ -6,7 +6,7 @@ streams equals what `generate` (the batch path, no streaming) produces for the s
 """
 from __future__ import annotations
 
-from llama_jax.chat import Message, dialog_prompt
+from llama_jax.chat_format import Message, dialog_prompt
 from llama_jax.generate import generate
 
 from eval.chat import PROMPT_PAD_MULTIPLE, ChatSession, run_chat
@@ -105,7 +105,7 @@ def test_sft_program_fine_tunes_into_a_loadable_run_dir(model, model_dir, tmp_pa
     import numpy as np
 
     import llama_jax
-    from llama_jax.layout import model_params
+    from llama_jax.params import model_params
     from test_generate import REPO
 
     chats = tmp_path / "chats.jsonl"

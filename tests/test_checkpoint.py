@@ -2,7 +2,7 @@
 on NaN and on a loss spike, the rollback cap, fallback from a truncated checkpoint, restore onto another mesh, `ls`.
 
 The end-to-end tests run `python -m train.pretrain` on one CPU device (XLA_FLAGS cleared) in subprocesses that share
-a JAX compilation cache; the others call `llama_jax.loop.train` in this process with one Trainer (compiled once).
+a JAX compilation cache; the others call `llama_jax.run_loop.train` in this process with one Trainer (compiled once).
 """
 import dataclasses
 import json
@@ -24,7 +24,8 @@ from llama_jax.config import GuardConfig, load_config
 from llama_jax.data import build_store
 from llama_jax.errors import CheckpointError
 from llama_jax.guard import DivergenceError, Guard
-from llama_jax.loop import global_batch, train
+from llama_jax.pretraining_data import global_batch
+from llama_jax.run_loop import train
 from llama_jax.sharding import make_mesh
 from llama_jax.tokenizer import train_sentencepiece
 from llama_jax.trainer import Trainer

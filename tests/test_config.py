@@ -9,7 +9,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from llama_jax.config import MODEL_PRESETS, ModelConfig, load_config
 from llama_jax.errors import ConfigError
-from llama_jax.layout import param_specs
+from llama_jax.params import param_specs
 from llama_jax.sharding import param_shardings
 
 # Published parameter counts (Llama 2 paper / Meta model cards, exact counts of the released checkpoints).
@@ -93,6 +93,15 @@ def test_config_program_prints_one_line_for_user_errors():
     ok = subprocess.run([sys.executable, "-m", "llama_jax.config", "model=llama2-70b"],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "# parameters: 68,976,648,192" in ok.stdout
+
+
+def test_mesh_in_the_shared_spelling():
+    config = load_config("configs/tiny.yaml", ["mesh=2x-1x2"])
+    assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (2, -1, 2)
+    config = load_config("configs/tiny.yaml", ["mesh=2x2x2", "mesh.fsdp=1"])
+    assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (2, 1, 2)
+    with pytest.raises(ConfigError, match=r"^mesh= '2,2,2': expected DATAxFSDPxTENSOR"):
+        load_config("configs/tiny.yaml", ["mesh=2,2,2"])
 
 
 def test_model_config_is_typed_and_frozen():

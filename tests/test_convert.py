@@ -29,8 +29,9 @@ from llama_jax.config import ModelConfig, RopeScaling
 from llama_jax.convert import native
 from llama_jax.convert.common import BFLOAT16
 from llama_jax.convert.__main__ import main as cli_main
-from llama_jax.errors import CheckpointError, ConversionError, run_program
-from llama_jax.layout import model_from_params, model_params, param_shapes
+from llama_jax.errors import CheckpointError, ConversionError
+from llama_jax.cli import run_program
+from llama_jax.params import model_from_params, model_params, param_shapes
 
 LLAMA2 = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=160, max_seq_len=64,
                      dtype="float32", remat_policy="none")

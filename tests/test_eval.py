@@ -24,12 +24,13 @@ from eval import perplexity as perplexity_cli
 from llama_jax.config import ModelConfig, OptimizerConfig
 from llama_jax.data import build_store
 from llama_jax.errors import DataError
-from llama_jax.evaluate import (MultipleChoiceExample, count_text_bytes, evaluate_perplexity, greedy_generate,
+from llama_jax.scoring import (MultipleChoiceExample, count_text_bytes, evaluate_perplexity,
                                 load_scorer, read_multiple_choice, rolling_log_likelihoods, score_multiple_choice)
-from llama_jax.layout import model_params
-from llama_jax.loop import evaluate as training_validation_loss
-from llama_jax.loop import global_batch
+from llama_jax.params import merge_params, model_params
+from llama_jax.pretraining_data import global_batch
+from llama_jax.run_loop import validation_loss as training_validation_loss
 from llama_jax.model import Llama
+from llama_jax.generate import generate
 from llama_jax.sharding import make_mesh
 from llama_jax.tokenizer import train_sentencepiece
 from llama_jax.trainer import Trainer
@@ -126,7 +127,7 @@ def run_cli(main, argv: list[str], capsys) -> dict:
 @pytest.mark.parametrize("document_masking", [False, True])
 def test_perplexity_equals_training_validation_loss(workspace, tokenizer, model, checkpoint, valid_dir, capsys,
                                                     document_masking):
-    """The training program's eval_loss (loop.evaluate over loop.global_batch) on a different mesh, vs the CLI."""
+    """The training program's eval_loss (run_loop.validation_loss over pretraining_data.global_batch) on a different mesh, vs the CLI."""
     batches, batch_size, seq_len, seed = 3, 4, 32, 5
     store = build_store(valid_dir, tokenizer, workspace / f"training_store_{document_masking}")
     trainer = Trainer.create(model.config, OptimizerConfig(), 10, make_mesh(data=2, fsdp=2, tensor=2))
@@ -344,11 +345,13 @@ def reference_greedy(model: Llama, prompt: list[int], new_tokens: int) -> list[i
     return ids[len(prompt):]
 
 
-def test_greedy_generation_matches_full_forward(model, loaded):
+def test_greedy_generation_on_the_scorers_mesh_matches_full_forward(model, loaded):
+    """The one decoder (llama_jax.generate) on the scorer's sharded parameters, as lm-eval's generate_until runs it."""
     scorer, tokenizer = loaded
     prompts = [[tokenizer.bos_id] + tokenizer.encode(text) for text in ("the quick brown fox", "café")]
-    generated = greedy_generate(scorer, prompts, 6)
-    assert generated == [reference_greedy(model, prompt, 6) for prompt in prompts]
+    completions = generate(merge_params(scorer.graphdef, scorer.params), prompts, max_new_tokens=6)
+    assert [completion.tokens for completion in completions] == [reference_greedy(model, prompt, 6)
+                                                                  for prompt in prompts]
 
 
 def test_lm_eval_generate_until_and_rolling(model, checkpoint, loaded):

@@ -284,7 +284,7 @@ def test_eval_generate_program(model, tokenizer, model_dir, tmp_path):
 
 def test_eval_generate_reports_errors_on_one_line(tmp_path, capsys):
     from eval.generate import main
-    from llama_jax.errors import run_program
+    from llama_jax.cli import run_program
 
     for argv, message in (([], "no prompts"),
                           (["--prompt", "hi", "--system", "Be brief."], "--system needs a chat format"),

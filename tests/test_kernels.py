@@ -1,4 +1,4 @@
-"""The hand-written gradients (model.mixed_einsum, trainer.output_head_loss) against independent references:
+"""The hand-written gradients (ops.mixed_einsum, ops.output_head_loss) against independent references:
 jax.grad of plain float64 code that shares nothing with the kernels but the maths."""
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.model import mixed_einsum
-from llama_jax.trainer import output_head_loss
+from llama_jax.ops import mixed_einsum, output_head_loss
 
 
 def _relative_error(actual, expected) -> float:
@@ -111,7 +110,7 @@ def _reference_attention(q, k, v, mask):
 
 def _packed_mask(batch: int, length: int):
     """Row 0 packs documents of several lengths (and padding, segment 0, at the end); the others hold one document."""
-    from llama_jax.model import AttentionMask
+    from llama_jax.attention import AttentionMask
 
     slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     bounds = [0, length * 4 // 13, length * 9 // 13, length * 11 // 13, length]
@@ -129,7 +128,8 @@ def _packed_mask(batch: int, length: int):
     ("flash", 13, 6, 2), ("flash", 150, 6, 2), ("flash", 150, 4, 4), ("flash", 128, 3, 1)])
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_attention_value_and_gradients_match_float64(chunk, length, heads, kv_heads, dtype, tolerance):
-    from llama_jax.model import attend, attend_flash_cpu, attend_in_chunks
+    from llama_jax.attention import attend, attend_in_chunks
+    from llama_jax.attention.cpu import attend_flash_cpu
 
     batch, head_dim = 2, 16
     keys = jax.random.split(jax.random.key(3), 4)
@@ -202,7 +202,7 @@ def test_remat_policies_give_the_same_gradients_and_save_attention_out_skips_the
 
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
 def test_gated_silu_value_and_gradients_match_float64(dtype, tolerance):
-    from llama_jax.model import gated_silu
+    from llama_jax.ops import gated_silu
 
     keys = jax.random.split(jax.random.key(7), 3)
     gate, up = (3 * jax.random.normal(key, (2, 5, 12), jnp.float32) for key in keys[:2])

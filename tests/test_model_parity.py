@@ -1,6 +1,8 @@
 """Our model against transformers' LlamaForCausalLM (eager attention, float32) on the same random weights."""
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 
 from hf_reference import hf_logits, ours_from_hf, random_hf_model
 from llama_jax.config import ModelConfig, RopeScaling
-from llama_jax.model import KVCache
+from llama_jax import generate
 
 BASE = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=8, n_kv_heads=8, ffn_hidden_dim=96,
                    max_seq_len=64, norm_eps=1e-5, dtype="float32", remat_policy="none")
@@ -28,8 +30,16 @@ SEQ_LEN = 48
 
 
 @nnx.jit
-def forward(model, tokens, cache=None):
-    return model(tokens, cache=cache)
+def forward(model, tokens):
+    return model(tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode_forward(arch, weights, tokens, start, cache):
+    """The decoder's (llama_jax.generate) forward pass over the next tokens, appending them to the KV cache."""
+    positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    hidden, cache = generate.forward(arch, weights, tokens, positions, jnp.ones_like(tokens), cache)
+    return generate.output_logits(arch, weights, hidden), cache
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -52,11 +62,12 @@ def test_kv_cache_decode_matches_transformers(pair):
     """Prefill 20 tokens, then feed the rest one at a time: every step's logits equal the reference's."""
     config, reference, ours, tokens = pair
     expected = hf_logits(reference, tokens)
-    cache = KVCache.empty(config, batch=2, max_len=SEQ_LEN + 8)
-    logits, cache = forward(ours, jnp.asarray(tokens[:, :20], jnp.int32), cache)
+    arch, weights = generate.decode_weights(ours)
+    cache = generate.LayerCache.empty(config, batch=2, max_len=SEQ_LEN + 8)
+    logits, cache = decode_forward(arch, weights, jnp.asarray(tokens[:, :20], jnp.int32), 0, cache)
     steps = [np.asarray(logits)]
     for t in range(20, SEQ_LEN):
-        logits, cache = forward(ours, jnp.asarray(tokens[:, t:t + 1], jnp.int32), cache)
+        logits, cache = decode_forward(arch, weights, jnp.asarray(tokens[:, t:t + 1], jnp.int32), t, cache)
         steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), expected, atol=1e-4, rtol=0)
     assert int(cache.index) == SEQ_LEN

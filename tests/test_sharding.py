@@ -54,7 +54,7 @@ def test_sharded_step_equals_single_device(single_device, mesh_shape):
 
 def test_loss_is_independent_of_the_model_code_path(single_device):
     """The step's loss at init equals a plain log-softmax cross-entropy of the full logits (second code path)."""
-    from llama_jax.layout import model_from_params
+    from llama_jax.params import model_from_params
 
     trainer = Trainer.create(CONFIG, OptimizerConfig(), 10, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     params = jax.device_get(trainer.init_state(seed=0).params)

@@ -11,7 +11,6 @@ the same command to continue) · 128 + signal when a second signal aborted it.
 """
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,11 +19,11 @@ import jax
 
 from llama_jax.config import RunConfig, load_config, to_yaml
 from llama_jax import distributed
-from llama_jax.errors import run_program
-from llama_jax.loop import global_batch, prepare_pretraining_data, train, write_run_config
+from llama_jax.cli import run_program
+from llama_jax.pretraining_data import global_batch, prepare_pretraining_data
+from llama_jax.run_loop import keep_tokenizer, peak_flops, train, write_run_config
 from llama_jax.data import unigram_entropy
 from llama_jax.sharding import mesh_from_config, rules_from_config
-from llama_jax.tokenizer import Tokenizer
 from llama_jax.trainer import Trainer
 
 USAGE = """usage: python -m train.pretrain CONFIG.yaml [key=value ...] [--fresh]
@@ -72,22 +71,6 @@ def main(argv: Sequence[str]) -> int:
         summary = summarize(run_dir, unigram_entropy(data.valid))
         print(summary)
     return 0
-
-
-def keep_tokenizer(tokenizer: Tokenizer, run_dir: Path) -> None:
-    """Copy the tokenizer into the run directory, so eval.generate, train.sft and convert find it beside the weights."""
-    target = run_dir / "tokenizer.model"
-    if jax.process_index() == 0 and tokenizer.path is not None and not target.exists():
-        shutil.copyfile(tokenizer.path, target)
-
-
-def peak_flops(config: RunConfig, devices: int) -> float:
-    """The mesh's peak FLOP/s for MFU: configured, or a matrix multiply measured on this machine now."""
-    if config.train.peak_tflops is not None:
-        return config.train.peak_tflops * 1e12 * devices
-    from llama_jax.perf import measure_matmul_ceiling
-
-    return measure_matmul_ceiling(config.model.dtype) * devices
 
 
 def summarize(run_dir: Path, unigram_nats: float) -> str:

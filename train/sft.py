@@ -3,7 +3,7 @@
 Conversations (JSONL, one `{"messages": [{"role": ..., "content": ...}, ...]}` per line) are rendered in the Llama 2
 or Llama 3 chat format (`sft.format`); the loss falls only on assistant answers (and their EOS / <|eot_id|>), never
 on system or user tokens. Several conversations are packed per sequence, and attention never crosses from one to
-another (segment ids). The run machinery — sharding, metrics, evaluation, checkpoints, resume — is pretraining's (`llama_jax.loop`); the
+another (segment ids). The run machinery — sharding, metrics, evaluation, checkpoints, resume — is pretraining's (`llama_jax.run_loop`); the
 run directory keeps the tokenizer, and `llama_jax.load(run_dir)` (so `--model run_dir` in eval.generate and eval.chat)
 reads the final checkpoint.
 """
@@ -19,15 +19,16 @@ import jax
 
 import llama_jax
 from llama_jax import distributed
-from llama_jax.chat import EncodedDialog, PackedSFTBatches, encode_dialog, read_conversations
+from llama_jax.chat_format import EncodedDialog, encode_dialog, read_conversations
+from llama_jax.sft_data import PackedSFTBatches
 from llama_jax.config import RunConfig, load_config, to_yaml
-from llama_jax.errors import ConfigError, run_program
-from llama_jax.layout import model_params
-from llama_jax.loop import train, write_run_config
-from llama_jax.sharding import mesh_from_config, rules_from_config
+from llama_jax.errors import ConfigError
+from llama_jax.cli import run_program
+from llama_jax.params import model_params
+from llama_jax.run_loop import keep_tokenizer, peak_flops, train, write_run_config
+from llama_jax.sharding import mesh_from_config, place_rows, rules_from_config
 from llama_jax.tokenizer import Tokenizer, load_tokenizer
 from llama_jax.trainer import Trainer
-from train.pretrain import keep_tokenizer, peak_flops
 
 USAGE = """usage: python -m train.sft CONFIG.yaml init_from=CHECKPOINT data.path=CHATS.jsonl [key=value ...]
 
@@ -73,13 +74,13 @@ def main(argv: Sequence[str]) -> int:
     if config.data.valid_path is not None:
         valid = PackedSFTBatches(_encode(config.data.valid_path, tokenizer, config), config.train.seq_len,
                                  config.train.batch_size, tokenizer.pad_id, config.seed)
-        eval_batches = lambda index: place_rows(trainer, valid, index, config)  # noqa: E731
+        eval_batches = lambda index: sft_batch(trainer, valid, index, config)  # noqa: E731
     if jax.process_index() == 0:
         print(f"fine-tuning {model_config.num_params():,} parameters from {config.init_from} on "
               f"{len(train_dialogs)} conversations ({len(batches.epoch_rows(0))} packed rows per epoch) for "
               f"{steps} steps", file=sys.stderr)
     # The loop's last checkpoint holds the final parameters: `llama_jax.load(run_dir)` reads them.
-    train(trainer, config, run_dir, lambda index: place_rows(trainer, batches, index, config), eval_batches,
+    train(trainer, config, run_dir, lambda index: sft_batch(trainer, batches, index, config), eval_batches,
           peak_flops(config, mesh.size),
           init_state=lambda: _state_from_pretrained(trainer, pretrained_params, config.seed))
     if jax.process_index() == 0:
@@ -101,15 +102,12 @@ def _encode(path: str, tokenizer: Tokenizer, config: RunConfig) -> list[EncodedD
             for messages in read_conversations(path)]
 
 
-def place_rows(trainer: Trainer, batches: PackedSFTBatches, index: int, config: RunConfig) -> dict[str, jax.Array]:
+def sft_batch(trainer: Trainer, batches: PackedSFTBatches, index: int, config: RunConfig) -> dict[str, jax.Array]:
     """Packed batch `index` as global arrays; each process builds only its own rows."""
     rows = batches.batch(index, process_index=jax.process_index(), process_count=jax.process_count())
-    shape = (config.train.batch_size, config.train.seq_len)
-    sharding = trainer.batch_shardings(shape)
     local = {"inputs": rows.tokens, "targets": rows.targets, "loss_mask": rows.loss_mask,
              "segment_ids": rows.segment_ids, "positions": rows.positions}
-    return {key: jax.make_array_from_process_local_data(sharding, value.astype("int32"), shape)
-            for key, value in local.items()}
+    return place_rows(local, config.train.batch_size, trainer.mesh, trainer.rules)
 
 
 def _state_from_pretrained(trainer: Trainer, params: dict[str, jax.Array], seed: int):

@@ -24,7 +24,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.convert import native
 from llama_jax.convert.common import ArraySource, ParamSource, cast, parse_dtype, stacked_names, staged_output
 from llama_jax.errors import ConversionError
-from llama_jax.layout import model_from_params, model_params, param_shapes
+from llama_jax.params import model_from_params, model_params, param_shapes
 from llama_jax.model import Llama
 
 FORMATS = ("orbax", "hf", "meta")
@@ -98,9 +98,9 @@ def _placements(config: ModelConfig, names: list[str], shardings: Mapping[str, j
             raise ConversionError(f"shardings= lacks parameters {missing}")
         return {name: shardings[name] for name in names}
     if mesh is not None:
-        from llama_jax import layout, sharding
+        from llama_jax import params, sharding
 
-        return sharding.param_shardings(layout.param_specs(config), mesh)
+        return sharding.param_shardings(params.param_specs(config), mesh)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return {name: device for name in names}
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConversionError
-from llama_jax.layout import TensorMapping, param_shapes
+from llama_jax.convert.weight_map import TensorMapping
+from llama_jax.params import param_shapes
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BFLOAT16}
@@ -114,7 +115,7 @@ class ArraySource(ParamSource):
 class ExternalSource(ParamSource):
     """Our parameters assembled from an external checkpoint's tensors (HF or Meta), one external tensor at a time.
 
-    Subclasses provide `read_external(name)`; the per-tensor layout transforms come from `llama_jax.layout`.
+    Subclasses provide `read_external(name)`; the per-tensor layout transforms come from `llama_jax.convert.weight_map`.
     """
 
     def __init__(self, config: ModelConfig, mappings: list[TensorMapping]):

@@ -23,7 +23,7 @@ from llama_jax.convert.common import (BFLOAT16, ExternalSource, ParamSource, cas
                                      read_json_object)
 from llama_jax.convert.native import config_from_mapping
 from llama_jax.errors import ConversionError
-from llama_jax.layout import TensorMapping, hf_mappings
+from llama_jax.convert.weight_map import TensorMapping, hf_mappings
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"

@@ -35,7 +35,7 @@ from llama_jax.convert.common import (BFLOAT16, ExternalSource, ParamSource, cas
                                      read_json_object)
 from llama_jax.convert.native import config_from_mapping
 from llama_jax.errors import ConversionError
-from llama_jax.layout import META_NAMES, meta_mappings
+from llama_jax.convert.weight_map import META_NAMES, meta_mappings
 
 PARAMS_FILE = "params.json"
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")

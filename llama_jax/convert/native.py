@@ -3,7 +3,7 @@
 A llama-jax checkpoint is a directory:
 
     model.json    the ModelConfig, every field of dataclasses.asdict(config)
-    params/       an Orbax checkpoint of the flat dict {dotted parameter name: array} (`layout.model_params`)
+    params/       an Orbax checkpoint of the flat dict {dotted parameter name: array} (`params.model_params`)
 
 A run directory (written by the training program) is recognised by `config.yaml` (whose `model:` section is a full
 ModelConfig mapping) beside `checkpoints/<step>/`; each step's item `params` has the same flat-dict form, so the
@@ -29,7 +29,7 @@ from etils import epath
 from llama_jax.config import ModelConfig, resolve_model
 from llama_jax.convert.common import ParamSource, check_names, check_shapes, read_json_object
 from llama_jax.errors import CheckpointError, ConversionError, LlamaJaxError
-from llama_jax.layout import param_shapes
+from llama_jax.params import param_shapes
 
 MODEL_FILE = "model.json"
 PARAMS_DIR = "params"

@@ -1,6 +1,6 @@
-"""The one place that maps llama-jax parameters to and from the Hugging Face and Meta tensor layouts.
+"""The one place that maps llama-jax parameters to and from Hugging Face's and Meta's tensor names and layouts.
 
-Our parameters (see `llama_jax.model`), by dotted name, with blocks stacked on a leading layer axis:
+Our parameters (`llama_jax.params`), by dotted name, with blocks stacked on a leading layer axis:
 
     embedding                      [vocab, dim]
     blocks.attention_norm.scale    [layers, dim]
@@ -20,15 +20,13 @@ within each head on the way in and out. Each mapping converts one tensor, so con
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
-import jax
 import numpy as np
-from flax import nnx
 
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConversionError
-from llama_jax.model import Llama
+from llama_jax.params import param_shapes
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -148,23 +146,6 @@ def meta_mappings(config: ModelConfig) -> list[TensorMapping]:
     return _mappings(config, META_NAMES, rotary_interleaved=True)
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    shape: tuple[int, ...]
-    logical_axes: tuple[str, ...]
-
-
-def param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
-    """Our parameter names, shapes and logical axes, from abstract shapes (nothing is allocated)."""
-    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-    return {name: ParamSpec(tuple(variable.shape), tuple(variable.get_metadata()["logical_axes"]))
-            for name, variable in _flat(nnx.state(abstract, nnx.Param)).items()}
-
-
-def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    return {name: spec.shape for name, spec in param_specs(config).items()}
-
-
 def params_from_external(config: ModelConfig, mappings: list[TensorMapping],
                          read: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
     """Our stacked parameters from external tensors fetched one at a time by `read(name)`."""
@@ -185,41 +166,3 @@ def params_from_external(config: ModelConfig, mappings: list[TensorMapping],
                 stacked = params[mapping.ours] = np.empty(shapes[mapping.ours], value.dtype)
             stacked[mapping.layer] = value
     return params
-
-
-def external_from_params(params: Mapping[str, np.ndarray],
-                         mappings: list[TensorMapping]) -> Iterator[tuple[str, np.ndarray]]:
-    """External tensors, one at a time, from our parameters."""
-    for mapping in mappings:
-        value = np.asarray(params[mapping.ours])
-        yield mapping.theirs, mapping.to_theirs(value if mapping.layer is None else value[mapping.layer])
-
-
-def _flat(state: nnx.State) -> dict[str, nnx.Variable]:
-    return {".".join(str(part) for part in path): variable for path, variable in nnx.to_flat_state(state)}
-
-
-def model_params(model: Llama) -> dict[str, jax.Array]:
-    """Our parameters by dotted name."""
-    return {name: variable[...] for name, variable in _flat(nnx.state(model, nnx.Param)).items()}
-
-
-def merge_params(graphdef: nnx.GraphDef, params: Mapping[str, jax.Array]) -> Llama:
-    """A model from its graph definition and flat parameters (works inside jit: the parameters may be tracers)."""
-    return nnx.merge(graphdef, nnx.from_flat_state([(tuple(name.split(".")), value) for name, value in params.items()]))
-
-
-def model_from_params(config: ModelConfig, params: Mapping[str, np.ndarray | jax.Array]) -> Llama:
-    """A model holding exactly `params` (float32); names and shapes are checked against the config."""
-    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-    variables = _flat(nnx.state(model, nnx.Param))
-    missing, extra = sorted(set(variables) - set(params)), sorted(set(params) - set(variables))
-    if missing or extra:
-        raise ConversionError(f"parameters do not match the config: missing {missing}, unexpected {extra}")
-    for name, variable in variables.items():
-        value = params[name]
-        if tuple(value.shape) != tuple(variable.shape):
-            raise ConversionError(f"parameter {name} has shape {tuple(value.shape)}, the config needs "
-                                  f"{tuple(variable.shape)}")
-        variable.set_value(jax.numpy.asarray(value, dtype=jax.numpy.float32))
-    return model

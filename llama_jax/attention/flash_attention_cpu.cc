@@ -37,7 +37,7 @@ constexpr int kBlock = 64;  // queries and keys per block; a multiple of the vec
 // One vector is one machine register: 16 floats with AVX-512, 8 otherwise (AVX2, NEON pairs). A register tile
 // holds 6 rows × kTileVectors accumulators, sized to leave registers for the B row and the broadcast A element:
 // 24 of AVX-512's 32, 12 of AVX2's 16. Wider vectors than the machine's, or more accumulators than its registers,
-// spill on every multiply-add (6x slower on AVX2).
+// spill on every multiply-add.
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 constexpr int kTileVectors = 4;

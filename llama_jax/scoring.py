@@ -1,5 +1,5 @@
-"""Scoring a model: perplexity and bits per byte over a text source, log-likelihoods of continuations, multiple
-choice, and greedy continuation (what `eval/` and the lm-eval adapter are built on).
+"""Scoring a model: perplexity and bits per byte over a text source, log-likelihoods of continuations and multiple
+choice (what `eval/` and the lm-eval adapter are built on; generation is `llama_jax.generate`'s).
 
 One primitive serves them all: the log-probability the model gives each target token, computed under `jax.jit` on a
 device mesh with the output head applied in sequence chunks (a [batch, seq, vocab] logit tensor is never held).
@@ -33,8 +33,7 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,12 +45,15 @@ from tqdm import tqdm
 from llama_jax.config import ModelConfig
 from llama_jax.data import (TokenStore, batch_for_step, build_store, default_cache_dir, process_rows, read_documents,
                             resolve_sources)
-from llama_jax.errors import DataError
-from llama_jax.layout import merge_params, model_params, param_specs
-from llama_jax.model import KVCache, Llama
-from llama_jax.sharding import DEFAULT_RULES, Rules, activation_sharding, batch_sharding, make_mesh, param_shardings
+from llama_jax.cli import parse_mesh
+from llama_jax.errors import DataError, TokenizerError
+from llama_jax.jsonl import read_jsonl
+from llama_jax.params import graphdef, merge_params, model_params, param_specs
+from llama_jax.model import Llama
+from llama_jax.sharding import DEFAULT_RULES, Rules, activation_sharding, make_mesh, param_shardings, place_rows
 from llama_jax.tokenizer import Tokenizer
-from llama_jax.trainer import LOSS_CHUNK
+from llama_jax.ops import HEAD_CHUNK
+from llama_jax.trainer import loss_sums
 
 PathLike = str | os.PathLike[str]
 LENGTH_BUCKET = 32  # sequence lengths are padded up to a multiple of this, so few distinct shapes are compiled
@@ -61,11 +63,11 @@ LENGTH_BUCKET = 32  # sequence lengths are padded up to a multiple of this, so f
 def target_log_probs(model: Llama, inputs: jax.Array, targets: jax.Array, *, positions: jax.Array | None = None,
                      segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(log P(target) [b, s] float32, target is the argmax [b, s]) with the output head applied in chunks."""
-    hidden, _ = model.hidden_states(inputs, positions=positions, segment_ids=segment_ids)
+    hidden = model.hidden_states(inputs, positions=positions, segment_ids=segment_ids)
     log_probs, greedy = [], []
-    for start in range(0, hidden.shape[1], LOSS_CHUNK):
-        logits = model.logits(hidden[:, start:start + LOSS_CHUNK])
-        chunk_targets = targets[:, start:start + LOSS_CHUNK]
+    for start in range(0, hidden.shape[1], HEAD_CHUNK):
+        logits = model.logits(hidden[:, start:start + HEAD_CHUNK])
+        chunk_targets = targets[:, start:start + HEAD_CHUNK]
         target_logit = jnp.take_along_axis(logits, chunk_targets[..., None], axis=-1)[..., 0]
         log_probs.append(target_logit - jax.nn.logsumexp(logits, axis=-1))
         greedy.append(jnp.argmax(logits, axis=-1) == chunk_targets)
@@ -78,28 +80,12 @@ def target_log_probs(model: Llama, inputs: jax.Array, targets: jax.Array, *, pos
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _loss_sums(graphdef: nnx.GraphDef, rules: Rules, params,
                batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    log_probs, _ = target_log_probs(merge_params(graphdef, params), batch["inputs"], batch["targets"],
-                                    positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
-    weights = batch["loss_mask"].astype(jnp.float32)
-    return -jnp.sum(log_probs * weights), jnp.sum(weights)
+    return loss_sums(params, graphdef, batch)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _token_scores(graphdef: nnx.GraphDef, rules: Rules, params, inputs: jax.Array, targets: jax.Array):
     return target_log_probs(merge_params(graphdef, params), inputs, targets)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _prefill(graphdef: nnx.GraphDef, rules: Rules, params, tokens, positions, segment_ids, cache: KVCache):
-    logits, cache = merge_params(graphdef, params)(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=5)
-def _decode_step(graphdef: nnx.GraphDef, rules: Rules, params, tokens, positions, cache: KVCache):
-    model = merge_params(graphdef, params)
-    logits, cache = model(tokens, positions=positions, segment_ids=jnp.ones_like(tokens), cache=cache)
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
 
 class Scorer:
@@ -115,7 +101,7 @@ class Scorer:
         self.rules = rules
         shardings = param_shardings(param_specs(self.config), self.mesh, rules)
         self.params = {name: jax.device_put(value, shardings[name]) for name, value in model_params(model).items()}
-        self.graphdef = nnx.split(nnx.eval_shape(lambda: Llama(self.config, rngs=nnx.Rngs(0))), nnx.Param)[0]
+        self.graphdef = graphdef(self.config)
 
     @property
     def device_count(self) -> int:
@@ -124,10 +110,7 @@ class Scorer:
     # Host-side entry points.
     def place_batch(self, local: Mapping[str, np.ndarray], global_rows: int) -> dict[str, jax.Array]:
         """This process's rows of a [global_rows, seq] batch as global arrays split along the batch axis."""
-        shape = (global_rows, next(iter(local.values())).shape[1])
-        sharding = batch_sharding(self.mesh, self.rules, shape)
-        return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value, np.int32), shape)
-                for key, value in local.items()}
+        return place_rows(local, global_rows, self.mesh, self.rules)
 
     def loss_sums(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """(summed negative log-likelihood of the targets under loss_mask, summed loss_mask), as device scalars."""
@@ -388,20 +371,8 @@ class MultipleChoiceResult:
 
 def read_multiple_choice(path: PathLike) -> list[MultipleChoiceExample]:
     """JSONL lines {"context": str, "choices": [str, ...], "answer": index}; errors name the line."""
-    examples = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read multiple-choice file ({error})") from error
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-        examples.append(_parse_example(record, where))
+    examples = [_parse_example(record, f"{path}:{line_number}")
+                for line_number, record in read_jsonl(path, "multiple-choice file")]
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
@@ -444,55 +415,6 @@ def score_multiple_choice(scorer: Scorer, tokenizer: Tokenizer, examples: Sequen
                                 log_likelihoods, predictions, predictions_norm)
 
 
-# ── Greedy continuation (lm-eval's generate_until) ──────────────────────────────────────────────────────────────
-def greedy_generate(scorer: Scorer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-                    stop_ids: frozenset[int] = frozenset(),
-                    is_finished: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
-    """Greedy continuations of token prompts, decoded together with a KV cache.
-
-    Prompts are left-padded to a common bucketed length (padding is segment 0, so no real token attends to it, and
-    positions start at 0 at each prompt's first token). A row stops at a token in `stop_ids` (not returned) or when
-    `is_finished(row, tokens so far)` says so; all stop after max_new_tokens.
-    """
-    if not prompts or max_new_tokens < 1:
-        return [[] for _ in prompts]
-    if not all(prompts):
-        raise DataError("cannot continue an empty prompt (start it with BOS)")
-    rows = scorer.batch_rows(len(prompts))
-    longest = max(len(prompt) for prompt in prompts)
-    if longest + max_new_tokens > scorer.config.max_seq_len:  # padding slots do not count: positions skip them
-        raise DataError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
-                        f"max_seq_len={scorer.config.max_seq_len}")
-    prompt_length = _round_up(longest, LENGTH_BUCKET)
-    tokens = np.zeros((rows, prompt_length), np.int32)
-    segments = np.zeros((rows, prompt_length), np.int32)
-    padding = np.full(rows, prompt_length, np.int32)  # dummy rows are all padding
-    for row, prompt in enumerate(prompts):
-        padding[row] = prompt_length - len(prompt)
-        tokens[row, padding[row]:] = prompt
-        segments[row, padding[row]:] = 1
-    positions = np.maximum(np.arange(prompt_length)[None, :] - padding[:, None], 0).astype(np.int32)
-    cache = KVCache.empty(scorer.config, rows, _round_up(prompt_length + max_new_tokens, LENGTH_BUCKET))
-    with activation_sharding(scorer.mesh, scorer.rules):
-        next_tokens, cache = _prefill(scorer.graphdef, scorer.rules, scorer.params, tokens, positions, segments, cache)
-        outputs: list[list[int]] = [[] for _ in prompts]
-        finished = np.zeros(len(prompts), bool)
-        for step in range(max_new_tokens):
-            chosen = np.asarray(jax.device_get(next_tokens))
-            for row in np.flatnonzero(~finished):
-                if int(chosen[row]) in stop_ids:
-                    finished[row] = True
-                    continue
-                outputs[row].append(int(chosen[row]))
-                finished[row] = is_finished is not None and is_finished(int(row), outputs[row])
-            if finished.all() or step == max_new_tokens - 1:
-                break
-            step_positions = (prompt_length + step - padding)[:, None].astype(np.int32)
-            next_tokens, cache = _decode_step(scorer.graphdef, scorer.rules, scorer.params,
-                                              chosen[:, None].astype(np.int32), step_positions, cache)
-    return outputs
-
-
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     """`text` up to the first occurrence of any stop string."""
     cut = min((index for index in (text.find(stop) for stop in stop_strings if stop) if index >= 0),
@@ -501,53 +423,46 @@ def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
 
 
 # ── Loading for the evaluation programs ─────────────────────────────────────────────────────────────────────────
-def parse_mesh(text: str) -> tuple[int, int, int]:
-    """'DATA,FSDP,TENSOR' sizes, one of them may be -1 (the remaining devices)."""
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        sizes = ()
-    if len(sizes) != 3:
-        raise DataError(f"--mesh {text!r}: expected three sizes DATA,FSDP,TENSOR such as 1,-1,1")
-    return sizes  # type: ignore[return-value]
+def load_model_and_tokenizer(model_path: PathLike, tokenizer_path: PathLike | None = None, *,
+                             dtype: str | None = None, mesh: Mesh | None = None) -> tuple[Llama, Tokenizer]:
+    """The model at `model_path` (any format), sharded on `mesh` (default: unsharded, as `llama_jax.load` places
+    it), and its tokenizer (default: the model folder's), checked to fit the model's vocabulary."""
+    from llama_jax.convert import load
+    from llama_jax.tokenizer import load_tokenizer
 
-
-def add_model_arguments(parser, *, multi_process: bool = False) -> None:
-    """The options the evaluation programs share: which model, tokenizer, dtype and mesh."""
-    parser.add_argument("--model", required=True, metavar="PATH",
-                        help="checkpoint of any format: llama-jax (or a training run directory), Hugging Face, Meta")
-    parser.add_argument("--tokenizer", metavar="PATH", default=None,
-                        help="tokenizer file or folder (default: the model folder's tokenizer.model)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="compute dtype (default: the checkpoint's); parameters stay float32")
-    parser.add_argument("--mesh", default="1,-1,1", metavar="DATA,FSDP,TENSOR",
-                        help="device mesh sizes, -1 = the remaining devices (default 1,-1,1: parameters and batch "
-                             "split over all devices)")
-    if multi_process:
-        parser.add_argument("--distributed", action="store_true",
-                            help="join JAX's distributed runtime first (one process per host; the coordinator and "
-                                 "process ids come from the cluster: SLURM, Open MPI, Kubernetes)")
+    tokenizer = load_tokenizer(tokenizer_path if tokenizer_path is not None else model_path)
+    model = load(model_path, dtype=dtype, mesh=mesh)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TokenizerError(f"the tokenizer {tokenizer.path or tokenizer_path} has {tokenizer.vocab_size} ids but "
+                             f"the model only {model.config.vocab_size}: they do not belong together")
+    return model, tokenizer
 
 
 def load_scorer(model_path: PathLike, tokenizer_path: PathLike | None = None, *, dtype: str | None = None,
                 mesh: tuple[int, int, int] = (1, -1, 1)) -> tuple[Scorer, Tokenizer]:
     """The model at `model_path` (any format) sharded on a mesh, and its tokenizer (checked to fit the model)."""
-    from llama_jax.convert import load
-    from llama_jax.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_path if tokenizer_path is not None else model_path)
     device_mesh = make_mesh(*mesh)
-    model = load(model_path, dtype=dtype, mesh=device_mesh)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                        f"{model.config.vocab_size}: they do not belong together")
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype=dtype, mesh=device_mesh)
     return Scorer(model, device_mesh), tokenizer
 
 
-def scorer_from_args(args) -> tuple[Scorer, Tokenizer]:
+def model_from_args(args) -> tuple[Llama, Tokenizer, Mesh | None]:
+    """What `cli.add_model_arguments` asked for: the model on its --mesh (unsharded for a program without the
+    option) and its tokenizer, joining the distributed runtime first with --distributed."""
     if getattr(args, "distributed", False):
         from llama_jax import distributed
         from llama_jax.config import DistributedConfig
 
         distributed.initialize(DistributedConfig())
-    return load_scorer(args.model, args.tokenizer, dtype=args.dtype, mesh=parse_mesh(args.mesh))
+    mesh = make_mesh(*parse_mesh(args.mesh)) if getattr(args, "mesh", None) else None
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=args.dtype, mesh=mesh)
+    except TokenizerError as error:
+        hint = "" if args.tokenizer else " (pass --tokenizer PATH)"
+        raise TokenizerError(f"{error}{hint}") from None
+    return model, tokenizer, mesh
+
+
+def scorer_from_args(args) -> tuple[Scorer, Tokenizer]:
+    model, tokenizer, mesh = model_from_args(args)  # the scoring programs all have --mesh
+    return Scorer(model, mesh), tokenizer

@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled on first use: flash attention (forward and backward) as XLA FFI custom calls.
 
 XLA:CPU has no fused attention: it writes each softmax pass over a block of scores to memory and runs the
-head_dim-wide products at about half its matrix-multiply rate, so attention took 30% of a bench-S train step for 13%
-of its FLOPs. `flash_attention_cpu.cc` keeps each 64×64 score block in cache and computes the softmax online.
+head_dim-wide products well below its matrix-multiply rate, so attention takes a much larger share of a train step
+than of its FLOPs (figures: benchmarks/). `flash_attention_cpu.cc` keeps each 64×64 score block in cache and
+computes the softmax online.
 
 The C++ source is compiled once per machine and source version with the system's C++ compiler (`$CXX`, else `c++`)
 into `$LLAMA_JAX_CACHE/kernels/` (default `~/.cache/llama_jax/kernels/`), written under a temporary name and renamed,
@@ -20,18 +21,16 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax.linen import spmd as flax_spmd
 from jax.sharding import PartitionSpec
 
+from llama_jax.attention.mask import AttentionMask
+from llama_jax.attention.xla import saveable
 from llama_jax.errors import KernelError
 from llama_jax.sharding import logical_to_spec
-
-if TYPE_CHECKING:
-    from llama_jax.model import AttentionMask
 
 SOURCE = Path(__file__).with_name("flash_attention_cpu.cc")
 FORWARD_TARGET, BACKWARD_TARGET = "llama_jax_flash_attention_forward", "llama_jax_flash_attention_backward"
@@ -170,3 +169,22 @@ def _require_kernel() -> None:
     reason = unavailable_reason()
     if reason is not None:
         raise KernelError(f"model.attention_impl=flash_cpu: the CPU flash-attention kernel is unavailable: {reason}")
+
+
+@jax.custom_vjp
+def attend_flash_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
+    """`attend_in_chunks` as one native CPU kernel per direction (`flash_attention_cpu.cc`): the same blocks of
+    queries and keys, but each score block stays in cache between the products, and the softmax is online."""
+    return flash_attention_forward(q, k, v, mask)[0]
+
+
+def _attend_flash_fwd(q, k, v, mask):
+    out, log_normaliser = saveable(*flash_attention_forward(q, k, v, mask))
+    return out, (q, k, v, mask, out, log_normaliser)
+
+
+def _attend_flash_bwd(residuals, grad_out):
+    return (*flash_attention_backward(*residuals, grad_out), None)
+
+
+attend_flash_cpu.defvjp(_attend_flash_fwd, _attend_flash_bwd)
