@@ -1,4 +1,5 @@
-"""scripts/plan.py: per-device memory, FLOPs, GPU-hours and the split that fits, checked against hand arithmetic."""
+"""The run planner (llama_jax.planner, `python -m train.plan`): per-device memory, FLOPs, GPU-hours and the split that
+fits, checked against hand arithmetic."""
 import json
 import math
 import os
@@ -9,19 +10,33 @@ from pathlib import Path
 import pytest
 
 from llama_jax.config import MODEL_PRESETS
+from llama_jax.errors import ConfigError
+from llama_jax.planner import (
+    ACCELERATORS,
+    GIB,
+    META_LLAMA2_GPU_HOURS,
+    gpu_hours,
+    implied_mfu,
+    meta_implied_mfus,
+    resolve_mesh,
+    state_bytes,
+)
 from llama_jax.sharding import DEFAULT_RULES
-from scripts.plan import (ACCELERATORS, GIB, META_LLAMA2_GPU_HOURS, gpu_hours, implied_mfu, meta_implied_mfus,
-                          resolve_mesh, state_bytes)
 
 REPO = Path(__file__).resolve().parents[1]
 # A two-layer model (dim 64, vocab 256) compiles in seconds; float32 keeps XLA:CPU from adding bf16 copies.
 SMALL = ["model=test", "train.batch_size=16", "train.seq_len=64"]
 
 
+def plan_program(*args, timeout=600):
+    """`python -m train.plan ARGS` from the repository root (where `train` lives)."""
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # the planner sets its own devices
+    return subprocess.run([sys.executable, "-m", "train.plan", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def run_plan(*args, timeout=600):
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # plan.py sets its own devices
-    result = subprocess.run([sys.executable, "scripts/plan.py", "configs/tiny.yaml", *SMALL, *args, "--json", "-"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = plan_program("configs/tiny.yaml", *SMALL, *args, "--json", "-", timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -63,15 +78,15 @@ def test_state_bytes_are_exact_for_7b_and_70b_meshes():
 def test_mesh_resolution():
     assert resolve_mesh((1, -1, 1), 64) == (1, 64, 1)
     assert resolve_mesh((2, -1, 8), 64) == (2, 4, 8)
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(ConfigError, match="does not divide"):
         resolve_mesh((1, -1, 3), 64)
-    with pytest.raises(ValueError, match="--devices is 8"):
+    with pytest.raises(ConfigError, match="--devices is 8"):
         resolve_mesh((1, 4, 1), 8)
 
 
 @pytest.fixture(scope="module")
 def replicated_plan():
-    return run_plan("--devices", "8", "--mesh", "8,1,1")
+    return run_plan("--devices", "8", "--mesh", "8x1x1")
 
 
 def test_plan_compiles_the_step_and_accounts_for_its_memory_and_flops(replicated_plan):
@@ -103,7 +118,7 @@ def test_plan_compiles_the_step_and_accounts_for_its_memory_and_flops(replicated
 def test_plan_says_when_it_does_not_fit_and_finds_the_smallest_split(replicated_plan):
     peak = replicated_plan["bytes"]["peak"]
     # A device with exactly the replicated peak: 10% headroom makes it not fit.
-    plan = run_plan("--devices", "8", "--mesh", "8,1,1", "--memory-gib", repr(peak / GIB))
+    plan = run_plan("--devices", "8", "--mesh", "8x1x1", "--memory-gib", repr(peak / GIB))
     assert not plan["fits"] and plan["usable_bytes"] == pytest.approx(0.9 * peak)
     suggestion = plan["suggestion"]
     mesh = suggestion["mesh"]
@@ -113,14 +128,33 @@ def test_plan_says_when_it_does_not_fit_and_finds_the_smallest_split(replicated_
 
 
 def test_plan_reports_a_bad_mesh_in_one_line():
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "scripts/plan.py", "configs/tiny.yaml", "--devices", "8", "--mesh",
-                             "1,3,1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = plan_program("configs/tiny.yaml", "--devices", "8", "--mesh", "1x3x1", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: mesh data×fsdp×tensor = 1×3×1 = 3, but --devices is 8"
+    # The old comma spelling is refused in one line that shows the one spelling.
+    result = plan_program("configs/tiny.yaml", "--devices", "8", "--mesh", "1,8,1", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --mesh '1,8,1': expected DATAxFSDPxTENSOR sizes such as 1x-1x1 or 2x2x2, at most one of them -1 "
+        "(the comma spelling is gone: write 1x-1x1)"]
 
 
-@pytest.mark.parametrize("name, lr, seq_len, tokens", [("llama2-7b", 3e-4, 4096, 2e12), ("llama2-13b", 3e-4, 4096, 2e12),
+def test_the_program_imports_no_jax_before_it_sets_the_device_count():
+    # train.plan imports the planner and the config at its top; the simulated device count must still be settable.
+    result = subprocess.run([sys.executable, "-c", "import sys, train.plan; assert 'jax' not in sys.modules"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_old_command_names_the_new_one():
+    result = subprocess.run([sys.executable, "scripts/plan.py", "configs/tiny.yaml", "--devices", "8"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: `python scripts/plan.py` is now `python -m train.plan`"]
+
+
+@pytest.mark.parametrize("name, lr, seq_len, tokens", [("llama2-7b", 3e-4, 4096, 2e12),
+                                                       ("llama2-13b", 3e-4, 4096, 2e12),
                                                        ("llama2-70b", 1.5e-4, 4096, 2e12),
                                                        ("llama3-8b", 3e-4, 8192, 15e12)])
 def test_pretraining_configs_follow_the_published_recipes(name, lr, seq_len, tokens):
@@ -139,14 +173,12 @@ def test_pretraining_configs_follow_the_published_recipes(name, lr, seq_len, tok
 
 def test_plan_counts_attention_flops_as_a_gpu_runs_them():
     # At seq 512 the test model's attention products are most of its FLOPs (12·layers·dim·seq = 786K per token
-    # against 614K for the weights): the CPU flash-attention kernel `auto` picks on these simulated devices would hide them
-    # in a custom call, so the plan compiles XLA's attention and counts them (the forward again under remat).
-    plan = run_plan("train.seq_len=512", "model.max_seq_len=512", "--devices", "8", "--mesh", "8,1,1",
+    # against 614K for the weights): the CPU flash-attention kernel `auto` picks on these simulated devices would hide
+    # them in a custom call, so the plan compiles XLA's attention and counts them (the forward again under remat).
+    plan = run_plan("train.seq_len=512", "model.max_seq_len=512", "--devices", "8", "--mesh", "8x1x1",
                     "--no-suggest")
     ratio = plan["flops"]["executed_global"] / plan["model_flops_per_step"]
     assert 1.0 < ratio < 1.5
-    result = subprocess.run([sys.executable, "scripts/plan.py", "configs/tiny.yaml", *SMALL,
-                             "model.attention_impl=flash_cpu", "--devices", "8"], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    result = plan_program("configs/tiny.yaml", *SMALL, "model.attention_impl=flash_cpu", "--devices", "8")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: model.attention_impl=flash_cpu is a CPU kernel and a plan is for GPUs: use auto, chunked or dense"]

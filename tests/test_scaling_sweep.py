@@ -1,6 +1,6 @@
-"""Scaling-law sweeps (scripts/scaling_laws.py): run planning by hand-checkable rules, a micro sweep end to end
-(plan → train → evaluate → fit, resumable), and collection + fitting on run directories whose losses follow a
-known law."""
+"""Scaling-law sweeps (llama_jax.scaling_sweep, `python -m train.scaling_laws`): run planning by hand-checkable rules,
+a micro sweep end to end (plan → train → evaluate → fit, resumable), and collection + fitting on run directories whose
+losses follow a known law."""
 import json
 import math
 import os
@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
+from llama_jax import scaling_sweep as sweep
 from llama_jax.config import ModelConfig, load_config
 from llama_jax.errors import ConfigError
-from scripts import scaling_laws as sweep
+from train import scaling_laws as program
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ def test_plan_matches_tokens_schedule_and_job_list_to_each_budget(tmp_path):
     assert {run.budget for run in runs} == {1e10, 4e10}
     jobs = (tmp_path / "sweep" / "jobs.txt").read_text().splitlines()
     assert len(jobs) == len(runs) >= 4
-    for run, job in zip(runs, jobs):
+    for run, job in zip(runs, jobs, strict=True):
         config = load_config(run.config_path)
         model, train, optimizer = config.model, config.train, config.optimizer
         # Tokens are what the budget buys at this model's real FLOPs per token, in whole steps.
@@ -72,7 +73,7 @@ def test_plan_matches_tokens_schedule_and_job_list_to_each_budget(tmp_path):
         assert optimizer.warmup_steps == max(1, round(0.1 * train.steps))
         assert optimizer.min_lr_ratio == 0.1 and config.eval.every_steps == train.steps
         assert config.run_dir == run.run_dir and model.vocab_size == 320
-        assert job == f"python -m train.pretrain {run.config_path} && python -m scripts.scaling_laws evaluate " \
+        assert job == f"python -m train.pretrain {run.config_path} && python -m train.scaling_laws evaluate " \
                       f"{run.run_dir}"
     plan = json.loads((tmp_path / "sweep" / "plan.json").read_text())
     assert [entry["name"] for entry in plan["runs"]] == [run.name for run in runs]
@@ -124,7 +125,7 @@ def run_sweep_program(args, tmp_path, timeout=600):
     # One device per training process (the test session simulates 8, which only slows tiny runs down).
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     env["LLAMA_JAX_CACHE"] = str(tmp_path / "cache")
-    return subprocess.run([sys.executable, "-m", "scripts.scaling_laws", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "train.scaling_laws", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -187,7 +188,7 @@ def test_fit_recovers_a_known_law_from_run_directories(tmp_path, capsys):
     law = {"E": 0.8, "A": 100.0, "B": 100.0 * 20**0.32, "alpha": 0.32, "beta": 0.32}
     out, runs = synthetic_sweep(tmp_path, lambda n, d: law["E"] + law["A"] / n ** law["alpha"]
                                 + law["B"] / d ** law["beta"])
-    assert sweep.main(["fit", str(out), "--bootstrap", "8"]) == 0
+    assert program.main(["fit", str(out), "--bootstrap", "8"]) == 0
     printed = capsys.readouterr().out
     report = (out / "fit" / "report.txt").read_text()
     assert report in printed and f"Runs ({len(runs)};" in report
@@ -210,7 +211,7 @@ def test_a_law_without_an_optimum_is_reported_but_not_plotted(tmp_path):
     has a non-positive exponent, is shown as degenerate, and the report and plots are still written."""
     out, runs = synthetic_sweep(tmp_path, lambda n, d: 1.0 + 0.01 * n ** 0.3 + 50.0 / d ** 0.3)
     min_steps = min(run.steps for run in runs) + 1  # leaves the shortest run out
-    assert sweep.main(["fit", str(out), "--bootstrap", "4", "--min-steps", str(min_steps)]) == 0
+    assert program.main(["fit", str(out), "--bootstrap", "4", "--min-steps", str(min_steps)]) == 0
     report = (out / "fit" / "report.txt").read_text()
     assert "parametric fit: degenerate" in report and "[degenerate] Parametric fit" in report
     assert "IsoFLOP fit: not possible" in report  # every budget's best model is its smallest
@@ -230,7 +231,7 @@ def test_a_budget_that_does_not_bracket_its_optimum_is_reported_and_left_out(tmp
         if run.budget == largest:  # falling with N: the optimum lies beyond the sampled sizes
             (Path(run.run_dir) / "final_eval.json").write_text(json.dumps(
                 {"step": run.steps, "bits_per_byte": 3.0 - 0.1 * math.log(run.non_embedding_params), "loss": 1.0}))
-    assert sweep.main(["fit", str(out), "--no-parametric"]) == 0
+    assert program.main(["fit", str(out), "--no-parametric"]) == 0
     report = (out / "fit" / "report.txt").read_text()
     assert f"skipped: IsoFLOP profile at budget C={largest:.3g}: no interior minimum" in report
     assert "add larger models at this budget" in report
@@ -242,7 +243,7 @@ def test_a_budget_that_does_not_bracket_its_optimum_is_reported_and_left_out(tmp
 
 @pytest.mark.parametrize("text, value", [("2", 2), ("all", None), ("0", "error"), ("x", "error")])
 def test_neighbours_option(text, value):
-    parser = sweep.build_parser()
+    parser = program.build_parser()
     if value == "error":
         with pytest.raises(SystemExit):
             parser.parse_args(["fit", "somewhere", "--neighbours", text])
@@ -266,3 +267,11 @@ def test_a_moved_sweep_directory_reads_its_own_runs(tmp_path):
     collected = sweep.collect(loaded, evaluate_missing=False)
     assert len(collected) == len(runs)
     assert all(c.bits_per_byte == pytest.approx(law(c.plan.non_embedding_params, c.plan.tokens)) for c in collected)
+
+
+def test_the_old_command_names_the_new_one():
+    result = subprocess.run([sys.executable, "-m", "scripts.scaling_laws", "fit", "somewhere"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: `python -m scripts.scaling_laws` is now `python -m train.scaling_laws`"]
