@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Iterator, Sequence, TextIO
-
-from llama_jax.chat_format import CHAT_STYLES, Message, dialog_prompt
-from llama_jax.errors import ConfigError
-from llama_jax.cli import add_model_arguments, run_program
+from collections.abc import Iterator, Sequence
+from typing import TextIO
 
 from eval.generate import add_sampling_arguments, resolve_chat_format, sampling_from_args, stop_ids_for
+from llama_jax.chat_format import CHAT_STYLES, Message, dialog_prompt
+from llama_jax.cli import add_model_arguments, run_program
+from llama_jax.errors import ConfigError
 
 EXIT_COMMAND = "/exit"
 USER_PROMPT = "> "

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from llama_jax.chat_format import CHAT_STYLES, Message, dialog_prompt, generation_stop_ids
-from llama_jax.jsonl import read_jsonl
-from llama_jax.errors import ConfigError, DataError
 from llama_jax.cli import add_model_arguments, run_program
+from llama_jax.errors import ConfigError, DataError
+from llama_jax.jsonl import read_jsonl
 
 CHAT_FORMAT_NONE = "none"
 

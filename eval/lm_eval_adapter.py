@@ -17,13 +17,15 @@ is lm-eval's own --batch_size (rounded up to a multiple of the device count; "au
 
 Requests map onto `llama_jax.scoring`: loglikelihood → score_continuations, loglikelihood_rolling →
 rolling_log_likelihoods; generate_until → `llama_jax.generate.generate` (greedy whatever the sampling settings; a
-request asking for sampling gets a warning), cut at the first stop string. One process; the model is sharded over that process's devices.
+request asking for sampling gets a warning), cut at the first stop string. One process; the model is sharded over
+that process's devices.
 """
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's own models first: its registry skips them once non-empty)
 from lm_eval.api.instance import Instance
@@ -54,7 +56,8 @@ class LlamaJaxLM(LM):
         super().__init__()
         if unused:  # lm-eval adds device / max_batch_size for every model; JAX picks its devices itself
             logger.info("llama_jax ignores %s", sorted(unused))
-        self.scorer, self.tokenizer = load_scorer(path, tokenizer, dtype=dtype, mesh=parse_mesh(mesh, option="model_args mesh="))
+        mesh_sizes = parse_mesh(mesh, option="model_args mesh=")
+        self.scorer, self.tokenizer = load_scorer(path, tokenizer, dtype=dtype, mesh=mesh_sizes)
         self.batch_size = _as_batch_size(batch_size, 8)
         self.max_length = int(max_length) if max_length else self.scorer.config.max_seq_len
         self.max_gen_toks = int(max_gen_toks)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Protocol, Sequence, get_args
+from typing import Any, Literal, Protocol, get_args
 
-
-from llama_jax.jsonl import read_jsonl
 from llama_jax.errors import ChatFormatError, DataError, TokenizerError
+from llama_jax.jsonl import read_jsonl
 
 Role = Literal["system", "user", "assistant"]
 ChatStyle = Literal["llama2", "llama3"]

@@ -34,8 +34,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -351,7 +352,7 @@ class PreemptionWatch:
         self._previous: dict[int, Any] = {}
         self._multi = jax.process_count() > 1
 
-    def __enter__(self) -> "PreemptionWatch":
+    def __enter__(self) -> PreemptionWatch:
         if threading.current_thread() is threading.main_thread():
             wanted = (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT)
             for signum in wanted:

@@ -51,8 +51,9 @@ import shutil
 import sys
 import sysconfig
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import tensorstore as ts

@@ -27,11 +27,12 @@ import contextlib
 import os
 import sys
 import traceback
-from typing import Iterator
+from collections.abc import Iterator
+
 import jax
 
-from llama_jax.config import DistributedConfig
 from llama_jax.cli import abort
+from llama_jax.config import DistributedConfig
 from llama_jax.errors import ConfigError, LlamaJaxError
 
 

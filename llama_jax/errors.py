@@ -1,4 +1,5 @@
-"""The project's exceptions: every user-facing error is a LlamaJaxError with a message that names the offending key, path or shape."""
+"""The project's exceptions: every user-facing error is a LlamaJaxError whose message names the offending key, path
+or shape. This module imports nothing of the project's, so that anything may import it."""
 from __future__ import annotations
 
 

@@ -2,13 +2,13 @@
 end to end on the real train step."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 
 from llama_jax.config import DebugConfig
-from llama_jax.trainer import TrainState, Trainer
+from llama_jax.trainer import Trainer, TrainState
 
 
 class FaultInjection:

@@ -3,14 +3,11 @@ chat model keeps obeying for the whole dialog. `python -m train.gatt` is its pro
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
-
-
-from llama_jax.errors import ChatFormatError
 
 from llama_jax.chat_format import Message, validate_conversation
-
+from llama_jax.errors import ChatFormatError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Ghost Attention data (Llama 2 paper, section 3.3)

@@ -27,17 +27,18 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax.attention import AttentionMask
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
-from llama_jax.attention import AttentionMask
 from llama_jax.model import LayerInputs, Llama, Rotary, output_head, rope_frequencies
 
 Array = jax.Array
@@ -70,7 +71,7 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def arrays(self) -> "SamplingArrays":
+    def arrays(self) -> SamplingArrays:
         # Greedy needs none of these; a temperature of 1 keeps the unused division harmless.
         temperature = self.temperature if not self.greedy else 1.0
         return SamplingArrays(jnp.float32(temperature), jnp.int32(self.top_k), jnp.float32(self.top_p))
@@ -170,7 +171,7 @@ class LayerCache(NamedTuple):
     index: Array  # int32 scalar: the next slot to write
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, max_len: int) -> "LayerCache":
+    def empty(cls, config: ModelConfig, batch: int, max_len: int) -> LayerCache:
         shape, dtype = (batch, max_len, config.kv_heads, config.head_dim), jnp.dtype(config.dtype)
         layers = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers))
         return cls(layers, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from llama_jax.config import GuardConfig
 from llama_jax.errors import LlamaJaxError
@@ -47,7 +48,7 @@ class GuardState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> "GuardState":
+    def from_json(cls, raw: Mapping[str, Any]) -> GuardState:
         return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
 
 

@@ -11,13 +11,13 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import numpy as np
-
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -77,7 +77,7 @@ class Rotary(NamedTuple):
     sin: Array
 
     @classmethod
-    def at(cls, positions: Array, inv_freq: Array) -> "Rotary":
+    def at(cls, positions: Array, inv_freq: Array) -> Rotary:
         angles = positions.astype(jnp.float32)[..., None] * inv_freq
         angles = constrain(angles, ("batch", "length", None))  # else XLA may split the tables on the wrong axis
         return cls(jnp.cos(angles), jnp.sin(angles))

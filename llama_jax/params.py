@@ -5,8 +5,8 @@ of names with their shapes is in `llama_jax.convert.weight_map`'s docstring.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import jax
 import numpy as np

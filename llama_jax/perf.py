@@ -17,7 +17,7 @@ import resource
 import statistics
 import subprocess
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 # A square matmul of this size is large enough to reach the BLAS/XLA kernels' steady state on a CPU core
 # (≈ 17 GFLOP, tens of milliseconds) and small enough that a whole ceiling measurement takes about a second.

@@ -9,8 +9,15 @@ from pathlib import Path
 import jax
 
 from llama_jax.config import RunConfig
-from llama_jax.data import (TokenStore, batch_for_step, build_store, is_validation_file, load_default_corpus,
-                            read_documents, resolve_sources)
+from llama_jax.data import (
+    TokenStore,
+    batch_for_step,
+    build_store,
+    is_validation_file,
+    load_default_corpus,
+    read_documents,
+    resolve_sources,
+)
 from llama_jax.distributed import process_zero_first
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.sharding import place_rows

@@ -16,21 +16,28 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
 
-from llama_jax.checkpoint import (PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch, RunCheckpoints,
-                                  replicated_value, wipe)
+from llama_jax.checkpoint import (
+    PREEMPTED_EXIT_STATUS,
+    Preempted,
+    PreemptionWatch,
+    RunCheckpoints,
+    replicated_value,
+    wipe,
+)
 from llama_jax.config import RunConfig, to_yaml
 from llama_jax.errors import DataError
 from llama_jax.fault_injection import FaultInjection
 from llama_jax.guard import Guard, GuardState, Rollback
 from llama_jax.metrics import MetricsLog, Throughput
 from llama_jax.tokenizer import Tokenizer
-from llama_jax.trainer import TrainState, Trainer
+from llama_jax.trainer import Trainer, TrainState
 
 
 # ── The loop ─────────────────────────────────────────────────────────────────────────────────────────────────────

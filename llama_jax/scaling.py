@@ -16,9 +16,10 @@ Pure numpy/scipy (matplotlib only inside `save_plots`), so it runs anywhere the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 from scipy import optimize, stats

@@ -33,7 +33,7 @@ import json
 import math
 import os
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,17 +42,24 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from llama_jax.config import ModelConfig
-from llama_jax.data import (TokenStore, batch_for_step, build_store, default_cache_dir, process_rows, read_documents,
-                            resolve_sources)
 from llama_jax.cli import parse_mesh
+from llama_jax.config import ModelConfig
+from llama_jax.data import (
+    TokenStore,
+    batch_for_step,
+    build_store,
+    default_cache_dir,
+    process_rows,
+    read_documents,
+    resolve_sources,
+)
 from llama_jax.errors import DataError, TokenizerError
 from llama_jax.jsonl import read_jsonl
-from llama_jax.params import graphdef, merge_params, model_params, param_specs
 from llama_jax.model import Llama
+from llama_jax.ops import HEAD_CHUNK
+from llama_jax.params import graphdef, merge_params, model_params, param_specs
 from llama_jax.sharding import DEFAULT_RULES, Rules, activation_sharding, make_mesh, param_shardings, place_rows
 from llama_jax.tokenizer import Tokenizer
-from llama_jax.ops import HEAD_CHUNK
 from llama_jax.trainer import loss_sums
 
 PathLike = str | os.PathLike[str]

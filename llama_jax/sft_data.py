@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import bisect
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
-from llama_jax.errors import DataError
-
 from llama_jax.chat_format import EncodedDialog
-
+from llama_jax.errors import DataError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Packing encoded conversations into fixed-length rows for supervised fine-tuning

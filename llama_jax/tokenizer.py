@@ -18,8 +18,8 @@ import io
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from llama_jax.errors import TokenizerError
 
@@ -159,7 +159,7 @@ LLAMA3_NAMED_SPECIAL_TOKENS = (
 # cut whenever a run of whitespace (or of non-whitespace) grows past the second limit.
 _TIKTOKEN_WINDOW_CHARS = 400_000
 _TIKTOKEN_MAX_RUN_CHARS = 25_000
-_LONG_RUN = re.compile(r"\s{%d,}|\S{%d,}" % (_TIKTOKEN_MAX_RUN_CHARS + 1, _TIKTOKEN_MAX_RUN_CHARS + 1))
+_LONG_RUN = re.compile(rf"\s{{{_TIKTOKEN_MAX_RUN_CHARS + 1},}}|\S{{{_TIKTOKEN_MAX_RUN_CHARS + 1},}}")
 _RANK_LINE = re.compile(rb"^([A-Za-z0-9+/]+=*)[ \t]+(\d+)[ \t]*\r?$")
 
 

@@ -7,8 +7,9 @@ checkpoints and converters use — merged into the NNX module inside the step.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +18,10 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
 from llama_jax.config import ModelConfig, OptimizerConfig
-from llama_jax.params import graphdef, merge_params, param_specs
 from llama_jax.model import Llama
 from llama_jax.ops import HEAD_CHUNK, output_head_loss
-from llama_jax.sharding import (DEFAULT_RULES, Rules, activation_sharding, batch_sharding, param_shardings,
-                                replicated)
+from llama_jax.params import graphdef, merge_params, param_specs
+from llama_jax.sharding import DEFAULT_RULES, Rules, activation_sharding, batch_sharding, param_shardings, replicated
 
 Batch = Mapping[str, jax.Array]  # inputs, targets, loss_mask [batch, seq]; optional positions, segment_ids
 
@@ -69,7 +69,7 @@ class Trainer:
 
     @classmethod
     def create(cls, model_config: ModelConfig, optimizer_config: OptimizerConfig, total_steps: int, mesh: Mesh,
-               rules: Rules = DEFAULT_RULES, grad_accum: int = 1) -> "Trainer":
+               rules: Rules = DEFAULT_RULES, grad_accum: int = 1) -> Trainer:
         return cls(model_config, make_optimizer(optimizer_config, total_steps),
                    learning_rate_schedule(optimizer_config, total_steps), mesh, rules, grad_accum)
 
@@ -83,8 +83,9 @@ class Trainer:
 
     def state_shardings(self) -> TrainState:
         params = self.param_shardings()
-        abstract_opt_state = jax.eval_shape(self.optimizer.init, {name: jax.ShapeDtypeStruct(spec.shape, jnp.float32)
-                                                                  for name, spec in param_specs(self.model_config).items()})
+        abstract_params = {name: jax.ShapeDtypeStruct(spec.shape, jnp.float32)
+                           for name, spec in param_specs(self.model_config).items()}
+        abstract_opt_state = jax.eval_shape(self.optimizer.init, abstract_params)
         opt_state = optax.tree_map_params(self.optimizer, lambda _, sharding: sharding, abstract_opt_state, params,
                                           transform_non_params=lambda _: replicated(self.mesh))
         scalar = replicated(self.mesh)

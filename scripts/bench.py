@@ -32,8 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, TextIO
 
 # Only the standard library above: neither the parent nor the peer's process may import jax (its import costs RSS
 # charged to the peer directly, or to both children through the parent's high-water mark).

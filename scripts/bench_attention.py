@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from scripts.bench import BENCH_SHAPES
 

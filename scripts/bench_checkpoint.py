@@ -6,7 +6,8 @@
    (default 271M parameters: 1.08 GB of parameters, 3.25 GB of state) is saved with `RunCheckpoints` (the code the
    training loop uses), synchronously and asynchronously, then restored; against the disk's raw write speed
    measured in the same run: the same number of bytes written in 64 MB blocks and fsync'ed, in the same
-   directory. The first save of a process (thread pools, TensorStore contexts) is reported apart. Before each cold read the files' pages are dropped from the page cache (posix_fadvise DONTNEED),
+   directory. The first save of a process (thread pools, TensorStore contexts) is reported apart. Before each cold
+   read the files' pages are dropped from the page cache (posix_fadvise DONTNEED),
    so restores read the disk, and a raw read of the same bytes is the reference.
 2. Overhead: `llama_jax.run_loop.train` itself on the `bench-s` preset in float32 (56M parameters, 0.68 GB of state;
    default 8 × 128 tokens per step, so a save is large next to a step), logging every 20 steps and saving every 40,
@@ -22,7 +23,11 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+from llama_jax.cli import run_program
+from llama_jax.errors import ConfigError
 
 BLOCK = 64 << 20
 
@@ -158,8 +163,8 @@ def overhead(workdir: Path, pairs: int, model: str, batch_size: int, seq_len: in
 
     from llama_jax.checkpoint import RunCheckpoints
     from llama_jax.config import load_config
-    from llama_jax.run_loop import train
     from llama_jax.perf import median
+    from llama_jax.run_loop import train
     from llama_jax.sharding import make_mesh
     from llama_jax.trainer import Trainer
 
@@ -219,8 +224,8 @@ def overhead(workdir: Path, pairs: int, model: str, batch_size: int, seq_len: in
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_checkpoint", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=None, help="on the disk to measure (default: a temp dir)")
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=16)
@@ -231,7 +236,10 @@ def main() -> None:
     parser.add_argument("--overhead-seq", type=int, default=128)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag in ("dim", "layers", "vocab", "pairs", "overhead_batch", "overhead_seq"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: expected at least 1")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_checkpoint_", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     results: dict = {"load_average_before": os.getloadavg()}
@@ -246,7 +254,8 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
     results["load_average_after"] = os.getloadavg()
     print(json.dumps(results, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

@@ -4,7 +4,8 @@
 
 Writes a random Hugging Face checkpoint (generated tensor by tensor, so the writer itself stays small), then runs each
 conversion in its own subprocess and reports its wall time, CPU time and peak RSS (from wait4's rusage of that child
-alone), against the model's size on disk. On a shared machine the CPU time is the steadier figure. A baseline child that only imports the converter shows the fixed cost of jax,
+alone), against the model's size on disk. On a shared machine the CPU time is the steadier figure. A baseline child
+that only imports the converter shows the fixed cost of jax,
 Orbax, TensorStore and torch.
 """
 from __future__ import annotations
@@ -17,8 +18,12 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
+
+from llama_jax.cli import run_program
+from llama_jax.errors import ConfigError
 
 CONVERSIONS = [
     ("hf → orbax", "hf", "orbax", []),
@@ -90,18 +95,22 @@ def folder_size(path: Path) -> float:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file()) / 1e9
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
     parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)  # child mode: write the random checkpoint
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag in ("dim", "layers", "vocab"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} {getattr(args, flag)} is not allowed: expected a positive size")
     if args.make:
         make_checkpoint(args.make, args.dim, args.layers, args.vocab, args.dtype)
-        return
+        return 0
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_convert_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +139,8 @@ def main() -> None:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

@@ -18,8 +18,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 WORDS = ("apple river stone cloud green seven table quiet music north orange silver window garden yellow winter "
          "forest candle rabbit mirror planet copper violet meadow").split()

@@ -6,12 +6,12 @@ streams equals what `generate` (the batch path, no streaming) produces for the s
 """
 from __future__ import annotations
 
+from test_generate import MAX_NEW, finish, hf_model, model, model_dir, start_module, tokenizer  # noqa: F401 (module fixtures shared with these tests)
+
+from eval.chat import PROMPT_PAD_MULTIPLE, ChatSession, run_chat
 from llama_jax.chat_format import Message, dialog_prompt
 from llama_jax.generate import generate
 
-from eval.chat import PROMPT_PAD_MULTIPLE, ChatSession, run_chat
-from test_generate import MAX_NEW, finish, start_module
-from test_generate import hf_model, model, model_dir, tokenizer  # noqa: F401 (module fixtures shared with these tests)
 QUESTIONS = ["The quick brown fox", "What did I say before?"]
 
 
@@ -103,10 +103,10 @@ def test_sft_program_fine_tunes_into_a_loadable_run_dir(model, model_dir, tmp_pa
     import sys
 
     import numpy as np
+    from test_generate import REPO
 
     import llama_jax
     from llama_jax.params import model_params
-    from test_generate import REPO
 
     chats = tmp_path / "chats.jsonl"
     with open(chats, "w") as f:
@@ -130,8 +130,9 @@ def test_sft_program_fine_tunes_into_a_loadable_run_dir(model, model_dir, tmp_pa
     assert before.keys() == after.keys()
     assert any(not np.allclose(np.asarray(before[name]), np.asarray(after[name])) for name in before)
 
-    process = start_module("eval.generate", "--model", os.path.relpath(run_dir, REPO), "--prompt", "Repeat after me: 3 fox",
-                           "--chat-format", "llama2", "--max-new-tokens", "4", "--json")
+    process = start_module("eval.generate", "--model", os.path.relpath(run_dir, REPO),
+                           "--prompt", "Repeat after me: 3 fox", "--chat-format", "llama2", "--max-new-tokens", "4",
+                           "--json")
     status, stdout, stderr = finish(process)
     assert status == 0, stderr
     assert json.loads(stdout)["prompt"] == "Repeat after me: 3 fox"

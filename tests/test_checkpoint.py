@@ -4,7 +4,6 @@ on NaN and on a loss spike, the rollback cap, fallback from a truncated checkpoi
 The end-to-end tests run `python -m train.pretrain` on one CPU device (XLA_FLAGS cleared) in subprocesses that share
 a JAX compilation cache; the others call `llama_jax.run_loop.train` in this process with one Trainer (compiled once).
 """
-import dataclasses
 import json
 import os
 import signal
@@ -169,7 +168,10 @@ def test_kill9_at_several_points_including_mid_save_resumes_bit_identically(corp
 
     # 2. Killed in the middle of an asynchronous save: step 8's write is held open while training goes on.
     second = Program([*args, "debug.save_delay_seconds=60"], tmp_path, "second")
-    unfinished = lambda: [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("8.orbax-checkpoint-tmp")]
+
+    def unfinished():
+        return [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("8.orbax-checkpoint-tmp")]
+
     second.wait_until(lambda: unfinished() and logged_steps(run_dir) >= 10)
     second.kill()
     assert "resuming from" in second.stderr and f"checkpoints/4 (step 4 of {STEPS}" in second.stderr

@@ -1,11 +1,13 @@
 """Config presets, overrides and errors; big models built from abstract shapes only."""
+import dataclasses
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType
+from jax.sharding import PartitionSpec as P
 
 from llama_jax.config import MODEL_PRESETS, ModelConfig, load_config
 from llama_jax.errors import ConfigError
@@ -106,6 +108,6 @@ def test_mesh_in_the_shared_spelling():
 
 def test_model_config_is_typed_and_frozen():
     config = ModelConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.dim = 3
     assert jax.numpy.dtype(MODEL_PRESETS["tiny"].dtype) == jax.numpy.bfloat16

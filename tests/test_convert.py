@@ -18,19 +18,19 @@ import pytest
 import torch
 import yaml
 from flax import nnx
+from hf_reference import hf_logits, random_hf_model
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import llama_jax
-from hf_reference import hf_logits, random_hf_model
 from llama_jax import convert
+from llama_jax.cli import run_program
 from llama_jax.config import ModelConfig, RopeScaling
 from llama_jax.convert import native
-from llama_jax.convert.common import BFLOAT16
 from llama_jax.convert.__main__ import main as cli_main
+from llama_jax.convert.common import BFLOAT16
 from llama_jax.errors import CheckpointError, ConversionError
-from llama_jax.cli import run_program
 from llama_jax.params import model_from_params, model_params, param_shapes
 
 LLAMA2 = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=160, max_seq_len=64,
@@ -374,6 +374,7 @@ def test_run_directory_reads_newest_complete_step(case):
 def test_run_directory_written_by_orbax_checkpoint_manager(case, tmp_path, monkeypatch):
     """The trainer's way of writing: a CheckpointManager step with a `params` item of sharded jax.Arrays."""
     import orbax.checkpoint as ocp
+
     from llama_jax.sharding import make_mesh
 
     config, reference, hf_dir, expected, root = case

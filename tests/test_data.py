@@ -12,8 +12,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
@@ -31,7 +31,7 @@ from llama_jax.data import (
     unigram_entropy,
 )
 from llama_jax.errors import DataError
-from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from llama_jax.tokenizer import Tokenizer, train_sentencepiece
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BOS, EOS = 1, 2

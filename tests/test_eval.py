@@ -24,13 +24,20 @@ from eval import perplexity as perplexity_cli
 from llama_jax.config import ModelConfig, OptimizerConfig
 from llama_jax.data import build_store
 from llama_jax.errors import DataError
-from llama_jax.scoring import (MultipleChoiceExample, count_text_bytes, evaluate_perplexity,
-                                load_scorer, read_multiple_choice, rolling_log_likelihoods, score_multiple_choice)
+from llama_jax.generate import generate
+from llama_jax.model import Llama
 from llama_jax.params import merge_params, model_params
 from llama_jax.pretraining_data import global_batch
 from llama_jax.run_loop import validation_loss as training_validation_loss
-from llama_jax.model import Llama
-from llama_jax.generate import generate
+from llama_jax.scoring import (
+    MultipleChoiceExample,
+    count_text_bytes,
+    evaluate_perplexity,
+    load_scorer,
+    read_multiple_choice,
+    rolling_log_likelihoods,
+    score_multiple_choice,
+)
 from llama_jax.sharding import make_mesh
 from llama_jax.tokenizer import train_sentencepiece
 from llama_jax.trainer import Trainer
@@ -127,7 +134,8 @@ def run_cli(main, argv: list[str], capsys) -> dict:
 @pytest.mark.parametrize("document_masking", [False, True])
 def test_perplexity_equals_training_validation_loss(workspace, tokenizer, model, checkpoint, valid_dir, capsys,
                                                     document_masking):
-    """The training program's eval_loss (run_loop.validation_loss over pretraining_data.global_batch) on a different mesh, vs the CLI."""
+    """The training program's eval_loss (run_loop.validation_loss over pretraining_data.global_batch) on a different
+    mesh, vs the CLI."""
     batches, batch_size, seq_len, seed = 3, 4, 32, 5
     store = build_store(valid_dir, tokenizer, workspace / f"training_store_{document_masking}")
     trainer = Trainer.create(model.config, OptimizerConfig(), 10, make_mesh(data=2, fsdp=2, tensor=2))

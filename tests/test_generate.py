@@ -19,15 +19,14 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_reference import ours_from_hf, random_hf_model
 
+from eval.chat import PROMPT_PAD_MULTIPLE
 from llama_jax.config import MODEL_PRESETS
 from llama_jax.errors import ConfigError
 from llama_jax.generate import IncrementalDecoder, Sampling, generate, left_pad, sample_tokens, stream
 from llama_jax.model import Llama
 from llama_jax.tokenizer import train_sentencepiece
-
-from eval.chat import PROMPT_PAD_MULTIPLE
-from hf_reference import ours_from_hf, random_hf_model
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB_SIZE = 384

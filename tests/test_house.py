@@ -28,8 +28,9 @@ def imported_modules(path: Path, modules: set[str]) -> set[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if node.level:  # relative: `from . import x` in package p is p.x; each further dot goes one package up
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
             names = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
@@ -122,3 +123,25 @@ def test_programs_report_user_errors_in_one_line(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+
+
+def main_block_calls(path: Path) -> list[str]:
+    """The calls made under `if __name__ == "__main__":` of a program file."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            return [ast.unparse(call) for call in ast.walk(node) if isinstance(call, ast.Call)]
+    return []
+
+
+# lm-eval's own command line handles its errors; the adapter only registers the model before handing over.
+DELEGATING_PROGRAMS = {"eval/lm_eval_adapter.py"}
+
+
+@pytest.mark.parametrize("program", sorted(str(path.relative_to(REPO)) for package in ("train", "eval")
+                                           for path in (REPO / package).glob("*.py") if path.name != "__init__.py"))
+def test_every_program_runs_through_the_shared_error_handling(program):
+    calls = main_block_calls(REPO / program)
+    if program in DELEGATING_PROGRAMS:
+        assert calls == ["main()"]
+    else:
+        assert calls == ["run_program(main)"], f"{program} must end with `run_program(main)`"

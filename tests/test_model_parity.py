@@ -4,13 +4,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 import numpy as np
 import pytest
-
+from flax import nnx
 from hf_reference import hf_logits, ours_from_hf, random_hf_model
-from llama_jax.config import ModelConfig, RopeScaling
+
 from llama_jax import generate
+from llama_jax.config import ModelConfig, RopeScaling
 
 BASE = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=8, n_kv_heads=8, ffn_hidden_dim=96,
                    max_seq_len=64, norm_eps=1e-5, dtype="float32", remat_policy="none")

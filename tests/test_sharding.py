@@ -8,7 +8,7 @@ import pytest
 
 from llama_jax.config import MODEL_PRESETS, OptimizerConfig
 from llama_jax.errors import ConfigError
-from llama_jax.sharding import (DEFAULT_RULES, bytes_per_device, logical_to_spec, make_mesh, rules_from_config)
+from llama_jax.sharding import DEFAULT_RULES, bytes_per_device, logical_to_spec, make_mesh, rules_from_config
 from llama_jax.trainer import Trainer
 
 CONFIG = dataclasses.replace(MODEL_PRESETS["test"], dtype="float32", attention_impl="chunked", attention_chunk=16)
@@ -22,7 +22,7 @@ def make_batch():
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def one_step(mesh_shape):
     devices = jax.devices()[:int(np.prod(mesh_shape))]
     trainer = Trainer.create(CONFIG, OptimizerConfig(lr=1e-2, warmup_steps=0), total_steps=10,

@@ -8,14 +8,14 @@ and write GAtt training data (the Llama 2 paper, section 3.3; `llama_jax.gatt`).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, get_args
+from typing import get_args
 
 from llama_jax.chat_format import Ending, Message, read_conversations, read_numbered_conversations, write_conversations
 from llama_jax.cli import run_program
 from llama_jax.errors import ChatFormatError
 from llama_jax.gatt import GATT_SEPARATOR, gatt_sample, gatt_sampling_dialog, remove_gatt_instruction
-
 
 
 def main(argv: Sequence[str]) -> int:

@@ -12,17 +12,17 @@ the same command to continue) · 128 + signal when a second signal aborted it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 
-from llama_jax.config import RunConfig, load_config, to_yaml
 from llama_jax import distributed
 from llama_jax.cli import run_program
+from llama_jax.config import RunConfig, load_config, to_yaml
+from llama_jax.data import unigram_entropy
 from llama_jax.pretraining_data import global_batch, prepare_pretraining_data
 from llama_jax.run_loop import keep_tokenizer, peak_flops, train, write_run_config
-from llama_jax.data import unigram_entropy
 from llama_jax.sharding import mesh_from_config, rules_from_config
 from llama_jax.trainer import Trainer
 

@@ -3,7 +3,8 @@
 Conversations (JSONL, one `{"messages": [{"role": ..., "content": ...}, ...]}` per line) are rendered in the Llama 2
 or Llama 3 chat format (`sft.format`); the loss falls only on assistant answers (and their EOS / <|eot_id|>), never
 on system or user tokens. Several conversations are packed per sequence, and attention never crosses from one to
-another (segment ids). The run machinery — sharding, metrics, evaluation, checkpoints, resume — is pretraining's (`llama_jax.run_loop`); the
+another (segment ids). The run machinery — sharding, metrics, evaluation, checkpoints, resume — is pretraining's
+(`llama_jax.run_loop`); the
 run directory keeps the tokenizer, and `llama_jax.load(run_dir)` (so `--model run_dir` in eval.generate and eval.chat)
 reads the final checkpoint.
 """
@@ -12,20 +13,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 
 import llama_jax
 from llama_jax import distributed
 from llama_jax.chat_format import EncodedDialog, encode_dialog, read_conversations
-from llama_jax.sft_data import PackedSFTBatches
+from llama_jax.cli import run_program
 from llama_jax.config import RunConfig, load_config, to_yaml
 from llama_jax.errors import ConfigError
-from llama_jax.cli import run_program
 from llama_jax.params import model_params
 from llama_jax.run_loop import keep_tokenizer, peak_flops, train, write_run_config
+from llama_jax.sft_data import PackedSFTBatches
 from llama_jax.sharding import mesh_from_config, place_rows, rules_from_config
 from llama_jax.tokenizer import Tokenizer, load_tokenizer
 from llama_jax.trainer import Trainer

@@ -29,7 +29,7 @@ class AttentionMask(NamedTuple):
         return causal & same_segment  # [batch, q_len, kv_len]
 
     @classmethod
-    def into_cache(cls, slots: Array, segment_ids: Array, cache_segments: Array, start: Array) -> "AttentionMask":
+    def into_cache(cls, slots: Array, segment_ids: Array, cache_segments: Array, start: Array) -> AttentionMask:
         """New tokens at `slots` (their segment ids written into the cache from slot `start`) against every slot of
         a cache whose slots hold `cache_segments` [batch, max_len] (0 = empty)."""
         key_segments = jax.lax.dynamic_update_slice(cache_segments, segment_ids, (0, start))

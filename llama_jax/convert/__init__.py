@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,8 @@ from llama_jax.config import ModelConfig
 from llama_jax.convert import native
 from llama_jax.convert.common import ArraySource, ParamSource, cast, parse_dtype, stacked_names, staged_output
 from llama_jax.errors import ConversionError
-from llama_jax.params import model_from_params, model_params, param_shapes
 from llama_jax.model import Llama
+from llama_jax.params import model_from_params, model_params, param_shapes
 
 FORMATS = ("orbax", "hf", "meta")
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3  # bytes per safetensors file, as transformers' save_pretrained defaults to

@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import re
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
-from llama_jax.errors import ConversionError
 from llama_jax.cli import run_program
+from llama_jax.errors import ConversionError
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,

@@ -6,15 +6,16 @@ import contextlib
 import json
 import shutil
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from llama_jax.config import ModelConfig
-from llama_jax.errors import ConversionError
 from llama_jax.convert.weight_map import TensorMapping
+from llama_jax.errors import ConversionError
 from llama_jax.params import param_shapes
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -78,10 +79,10 @@ class ParamSource(abc.ABC):
         """The stored dtype of one parameter (a checkpoint may keep, say, norms in float32 beside bfloat16)."""
         return self.dtype
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a no-op by default, not abstract)
         """Release open files (sources that hold none need not override this)."""
 
-    def __enter__(self) -> "ParamSource":
+    def __enter__(self) -> ParamSource:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -138,7 +139,7 @@ class ExternalSource(ParamSource):
 
     def check_dtypes(self) -> None:
         """Layers are stacked into one array per parameter, so each parameter's tensors must share a dtype."""
-        for name, group in self._by_ours.items():
+        for group in self._by_ours.values():
             first = self.external_dtype(group[0].theirs)
             for mapping in group[1:]:
                 if self.external_dtype(mapping.theirs) != first:

@@ -19,11 +19,18 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from llama_jax.config import ModelConfig, RopeScaling
-from llama_jax.convert.common import (BFLOAT16, ExternalSource, ParamSource, cast, check_names, check_shapes,
-                                     read_json_object)
+from llama_jax.convert.common import (
+    BFLOAT16,
+    ExternalSource,
+    ParamSource,
+    cast,
+    check_names,
+    check_shapes,
+    read_json_object,
+)
 from llama_jax.convert.native import config_from_mapping
-from llama_jax.errors import ConversionError
 from llama_jax.convert.weight_map import TensorMapping, hf_mappings
+from llama_jax.errors import ConversionError
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -287,7 +294,7 @@ def write_hf(source: ParamSource, directory: Path, dtype: np.dtype | None, max_s
 
 
 def _stream_tensors(source: ParamSource, mappings: list[TensorMapping], dtypes: dict[str, np.dtype],
-                    placement: dict[str, tuple["_FileLayout", int]], descriptors: dict[str, int]) -> None:
+                    placement: dict[str, tuple[_FileLayout, int]], descriptors: dict[str, int]) -> None:
     """Read our parameters a layer at a time and write each external tensor at its place in its file."""
     for mapping in mappings:
         value = source.read(mapping.ours) if mapping.layer is None else source.read_layer(mapping.ours, mapping.layer)

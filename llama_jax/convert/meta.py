@@ -31,11 +31,18 @@ from typing import Any
 import numpy as np
 
 from llama_jax.config import ModelConfig, RopeScaling
-from llama_jax.convert.common import (BFLOAT16, ExternalSource, ParamSource, cast, check_names, check_shapes,
-                                     read_json_object)
+from llama_jax.convert.common import (
+    BFLOAT16,
+    ExternalSource,
+    ParamSource,
+    cast,
+    check_names,
+    check_shapes,
+    read_json_object,
+)
 from llama_jax.convert.native import config_from_mapping
-from llama_jax.errors import ConversionError
 from llama_jax.convert.weight_map import META_NAMES, meta_mappings
+from llama_jax.errors import ConversionError
 
 PARAMS_FILE = "params.json"
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")

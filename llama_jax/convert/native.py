@@ -16,8 +16,9 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np

@@ -19,8 +19,8 @@ within each head on the way in and out. Each mapping converts one tensor, so con
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
 
