@@ -617,11 +617,6 @@ def batch_for_step(
     }
 
 
-def steps_per_epoch(store: TokenStore, global_batch: int, seq_len: int = DEFAULT_SEQ_LEN) -> float:
-    """How many steps one pass over the corpus takes (fractional: epochs do not align with steps)."""
-    return store.tokens_per_epoch / (global_batch * seq_len)
-
-
 # --------------------------------------------------------------------------------------------
 # Corpus statistics
 # --------------------------------------------------------------------------------------------

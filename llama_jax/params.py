@@ -1,20 +1,25 @@
-"""A model's parameters as a flat dict {dotted name: array}: the form the train step, checkpoints and converters use.
+"""A model's parameters as a flat dict {dotted name: array}: the form the train step, checkpoints and converters use,
+and `ModelOnMesh`, where they and the batches live on a device mesh.
 
 Names, shapes and logical axes come from abstract shapes of `llama_jax.model.Llama` (nothing is allocated); the list
 of names with their shapes is in `llama_jax.convert.weight_map`'s docstring.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConversionError
 from llama_jax.model import Llama
+from llama_jax.sharding import DEFAULT_RULES, Rules, activation_sharding, batch_sharding, param_shardings, place_rows
 
 
 def abstract_model(config: ModelConfig) -> Llama:
@@ -56,6 +61,34 @@ def model_params(model: Llama) -> dict[str, jax.Array]:
 def merge_params(graphdef: nnx.GraphDef, params: Mapping[str, jax.Array]) -> Llama:
     """A model from its graph definition and flat parameters (works inside jit: the parameters may be tracers)."""
     return nnx.merge(graphdef, nnx.from_flat_state([(tuple(name.split(".")), value) for name, value in params.items()]))
+
+
+@dataclass(frozen=True)
+class ModelOnMesh:
+    """A model's structure on a device mesh: what the train step (`trainer.Trainer`) and scoring (`scoring.Scorer`)
+    both stand on. Parameters are split by the logical rules, batches along the batch axis, and activations are
+    constrained by the same rules while a function is traced under `activation_sharding()`."""
+
+    model_config: ModelConfig
+    mesh: Mesh
+    rules: Rules = DEFAULT_RULES
+
+    @functools.cached_property
+    def graphdef(self) -> nnx.GraphDef:
+        return graphdef(self.model_config)
+
+    def param_shardings(self) -> dict[str, NamedSharding]:
+        return param_shardings(param_specs(self.model_config), self.mesh, self.rules)
+
+    def batch_shardings(self, batch_shape: tuple[int, int]) -> NamedSharding:
+        return batch_sharding(self.mesh, self.rules, batch_shape)
+
+    def place_rows(self, local: Mapping[str, np.ndarray], global_rows: int) -> dict[str, jax.Array]:
+        """This process's rows of a [global_rows, seq] batch as global arrays split along the batch axis."""
+        return place_rows(local, global_rows, self.mesh, self.rules)
+
+    def activation_sharding(self) -> AbstractContextManager[None]:
+        return activation_sharding(self.mesh, self.rules)
 
 
 def model_from_params(config: ModelConfig, params: Mapping[str, np.ndarray | jax.Array]) -> Llama:

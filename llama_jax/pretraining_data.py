@@ -20,7 +20,6 @@ from llama_jax.data import (
 )
 from llama_jax.distributed import process_zero_first
 from llama_jax.errors import ConfigError, DataError
-from llama_jax.sharding import place_rows
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from llama_jax.trainer import Trainer
 
@@ -85,4 +84,4 @@ def global_batch(trainer: Trainer, store: TokenStore, index: int, batch_size: in
     local = batch_for_step(store, index, batch_size, seq_len, seed, jax.process_index(), jax.process_count())
     if not document_masking:  # Llama 2 attends across packed documents; Llama 3 masks them apart
         local = {key: local[key] for key in ("inputs", "targets", "loss_mask")}
-    return place_rows(local, batch_size, trainer.mesh, trainer.rules)
+    return trainer.place_rows(local, batch_size)

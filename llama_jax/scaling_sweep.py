@@ -498,7 +498,7 @@ def evaluate_run(run_dir: Path, batch_size: int | None = None, batches: int | No
     batches = batches if batches is not None else settings.get("batches")
     data = prepare_pretraining_data(config, run_dir)
     mesh = make_mesh(1, -1, 1)
-    scorer = Scorer(load(run_dir, mesh=mesh), mesh)
+    scorer = Scorer.place(load(run_dir, mesh=mesh), mesh)
     result = evaluate_perplexity(scorer, data.valid, seq_len=config.train.seq_len, batch_size=batch_size,
                                  seed=config.seed, document_masking=config.train.document_masking,
                                  num_batches=batches, text_bytes=count_text_bytes(validation_sources(config)),

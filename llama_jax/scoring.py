@@ -57,8 +57,8 @@ from llama_jax.errors import DataError, TokenizerError
 from llama_jax.jsonl import read_jsonl
 from llama_jax.model import Llama
 from llama_jax.ops import HEAD_CHUNK
-from llama_jax.params import graphdef, merge_params, model_params, param_specs
-from llama_jax.sharding import DEFAULT_RULES, Rules, activation_sharding, make_mesh, param_shardings, place_rows
+from llama_jax.params import ModelOnMesh, merge_params, model_params
+from llama_jax.sharding import DEFAULT_RULES, Rules, make_mesh
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.trainer import loss_sums
 
@@ -95,39 +95,42 @@ def _token_scores(graphdef: nnx.GraphDef, rules: Rules, params, inputs: jax.Arra
     return target_log_probs(merge_params(graphdef, params), inputs, targets)
 
 
-class Scorer:
-    """A model's parameters placed on a mesh, with the jitted scoring and decoding functions bound to them.
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Scorer(ModelOnMesh):
+    """A model's parameters placed on a mesh, with the jitted scoring functions bound to them.
 
     Parameters are sharded by the logical rules (by default over all devices on the fsdp axis, which also splits the
     batch, so a model larger than one device still fits); batches are split along the batch axis.
     """
 
-    def __init__(self, model: Llama, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES):
-        self.config: ModelConfig = model.config
-        self.mesh = mesh if mesh is not None else make_mesh(data=1, fsdp=-1, tensor=1)
-        self.rules = rules
-        shardings = param_shardings(param_specs(self.config), self.mesh, rules)
-        self.params = {name: jax.device_put(value, shardings[name]) for name, value in model_params(model).items()}
-        self.graphdef = graphdef(self.config)
+    params: dict[str, jax.Array]
+
+    @classmethod
+    def place(cls, model: Llama, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Scorer:
+        """The model's parameters put into their shards on `mesh` (default: all devices on the fsdp axis)."""
+        on_mesh = ModelOnMesh(model.config, mesh if mesh is not None else make_mesh(data=1, fsdp=-1, tensor=1), rules)
+        shardings = on_mesh.param_shardings()
+        params = {name: jax.device_put(value, shardings[name]) for name, value in model_params(model).items()}
+        return cls(on_mesh.model_config, on_mesh.mesh, rules, params=params)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model_config
 
     @property
     def device_count(self) -> int:
         return self.mesh.size
 
     # Host-side entry points.
-    def place_batch(self, local: Mapping[str, np.ndarray], global_rows: int) -> dict[str, jax.Array]:
-        """This process's rows of a [global_rows, seq] batch as global arrays split along the batch axis."""
-        return place_rows(local, global_rows, self.mesh, self.rules)
-
     def loss_sums(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """(summed negative log-likelihood of the targets under loss_mask, summed loss_mask), as device scalars."""
-        with activation_sharding(self.mesh, self.rules):
+        with self.activation_sharding():
             return _loss_sums(self.graphdef, self.rules, self.params, dict(batch))
 
     def token_scores(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For int [b, s+1] token rows: (log P(tokens[:, 1:]) [b, s], greedy [b, s]) as numpy (one process)."""
-        placed = self.place_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, tokens.shape[0])
-        with activation_sharding(self.mesh, self.rules):
+        placed = self.place_rows({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, tokens.shape[0])
+        with self.activation_sharding():
             log_probs, greedy = _token_scores(self.graphdef, self.rules, self.params, placed["inputs"],
                                               placed["targets"])
         return np.asarray(jax.device_get(log_probs), np.float64), np.asarray(jax.device_get(greedy))
@@ -224,7 +227,7 @@ def evaluate_perplexity(scorer: Scorer, store: TokenStore, *, seq_len: int, batc
             _mask_past_epoch(local, step, batch_size, seq_len, rows, store.tokens_per_epoch)
         if not document_masking:
             local = {key: local[key] for key in ("inputs", "targets", "loss_mask")}
-        pending.append(scorer.loss_sums(scorer.place_batch(local, batch_size)))
+        pending.append(scorer.loss_sums(scorer.place_rows(local, batch_size)))
         # Read results one batch behind, so the host builds batch k+1 while the devices score batch k.
         if len(pending) > 1:
             nats, tokens = _accumulate(pending.pop(0), nats, tokens)
@@ -450,7 +453,7 @@ def load_scorer(model_path: PathLike, tokenizer_path: PathLike | None = None, *,
     """The model at `model_path` (any format) sharded on a mesh, and its tokenizer (checked to fit the model)."""
     device_mesh = make_mesh(*mesh)
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype=dtype, mesh=device_mesh)
-    return Scorer(model, device_mesh), tokenizer
+    return Scorer.place(model, device_mesh), tokenizer
 
 
 def model_from_args(args) -> tuple[Llama, Tokenizer, Mesh | None]:
@@ -472,4 +475,4 @@ def model_from_args(args) -> tuple[Llama, Tokenizer, Mesh | None]:
 
 def scorer_from_args(args) -> tuple[Scorer, Tokenizer]:
     model, tokenizer, mesh = model_from_args(args)  # the scoring programs all have --mesh
-    return Scorer(model, mesh), tokenizer
+    return Scorer.place(model, mesh), tokenizer

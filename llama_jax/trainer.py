@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from llama_jax.config import ModelConfig, OptimizerConfig
 from llama_jax.model import Llama
 from llama_jax.ops import HEAD_CHUNK, output_head_loss
-from llama_jax.params import graphdef, merge_params, param_specs
-from llama_jax.sharding import DEFAULT_RULES, Rules, activation_sharding, batch_sharding, param_shardings, replicated
+from llama_jax.params import ModelOnMesh, merge_params, param_specs
+from llama_jax.sharding import DEFAULT_RULES, Rules, replicated
 
 Batch = Mapping[str, jax.Array]  # inputs, targets, loss_mask [batch, seq]; optional positions, segment_ids
 
@@ -56,31 +56,21 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
     )
 
 
-@dataclass(frozen=True)
-class Trainer:
+@dataclass(frozen=True, kw_only=True)
+class Trainer(ModelOnMesh):
     """Builds the jitted init and step functions for one model, optimizer and mesh."""
 
-    model_config: ModelConfig
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
-    mesh: Mesh
-    rules: Rules = DEFAULT_RULES
     grad_accum: int = 1
 
     @classmethod
     def create(cls, model_config: ModelConfig, optimizer_config: OptimizerConfig, total_steps: int, mesh: Mesh,
                rules: Rules = DEFAULT_RULES, grad_accum: int = 1) -> Trainer:
-        return cls(model_config, make_optimizer(optimizer_config, total_steps),
-                   learning_rate_schedule(optimizer_config, total_steps), mesh, rules, grad_accum)
-
-    @functools.cached_property
-    def graphdef(self) -> nnx.GraphDef:
-        return graphdef(self.model_config)
+        return cls(model_config, mesh, rules, optimizer=make_optimizer(optimizer_config, total_steps),
+                   schedule=learning_rate_schedule(optimizer_config, total_steps), grad_accum=grad_accum)
 
     # ── Shardings ────────────────────────────────────────────────────────────────────────────────────────────
-    def param_shardings(self) -> dict[str, NamedSharding]:
-        return param_shardings(param_specs(self.model_config), self.mesh, self.rules)
-
     def state_shardings(self) -> TrainState:
         params = self.param_shardings()
         abstract_params = {name: jax.ShapeDtypeStruct(spec.shape, jnp.float32)
@@ -90,9 +80,6 @@ class Trainer:
                                           transform_non_params=lambda _: replicated(self.mesh))
         scalar = replicated(self.mesh)
         return TrainState(step=scalar, params=params, opt_state=opt_state, rng=scalar, data_skip=scalar)
-
-    def batch_shardings(self, batch_shape: tuple[int, int]) -> NamedSharding:
-        return batch_sharding(self.mesh, self.rules, batch_shape)
 
     # ── Initialisation ───────────────────────────────────────────────────────────────────────────────────────
     def init_state(self, seed: int) -> TrainState:
@@ -138,14 +125,14 @@ class Trainer:
 
         @functools.wraps(jitted)
         def call(*args):
-            with activation_sharding(self.mesh, self.rules):
+            with self.activation_sharding():
                 return jitted(*args)
 
         call.lower = lambda *args: self._lower(jitted, *args)
         return call
 
     def _lower(self, jitted, *args):
-        with activation_sharding(self.mesh, self.rules):
+        with self.activation_sharding():
             return jitted.lower(*args)
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -27,7 +27,7 @@ from llama_jax.errors import ConfigError
 from llama_jax.params import model_params
 from llama_jax.run_loop import keep_tokenizer, peak_flops, train, write_run_config
 from llama_jax.sft_data import PackedSFTBatches
-from llama_jax.sharding import mesh_from_config, place_rows, rules_from_config
+from llama_jax.sharding import mesh_from_config, rules_from_config
 from llama_jax.tokenizer import Tokenizer, load_tokenizer
 from llama_jax.trainer import Trainer
 
@@ -108,7 +108,7 @@ def sft_batch(trainer: Trainer, batches: PackedSFTBatches, index: int, config: R
     rows = batches.batch(index, process_index=jax.process_index(), process_count=jax.process_count())
     local = {"inputs": rows.tokens, "targets": rows.targets, "loss_mask": rows.loss_mask,
              "segment_ids": rows.segment_ids, "positions": rows.positions}
-    return place_rows(local, config.train.batch_size, trainer.mesh, trainer.rules)
+    return trainer.place_rows(local, config.train.batch_size)
 
 
 def _state_from_pretrained(trainer: Trainer, params: dict[str, jax.Array], seed: int):
