@@ -55,7 +55,7 @@ def test_full_forward_matches_transformers(pair):
     expected = hf_logits(reference, tokens)
     got = np.asarray(forward(ours, jnp.asarray(tokens, jnp.int32)))
     assert got.dtype == np.float32 and got.shape == (2, SEQ_LEN, config.vocab_size)
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
 def test_kv_cache_decode_matches_transformers(pair):
@@ -69,5 +69,41 @@ def test_kv_cache_decode_matches_transformers(pair):
     for t in range(20, SEQ_LEN):
         logits, cache = decode_forward(arch, weights, jnp.asarray(tokens[:, t:t + 1], jnp.int32), t, cache)
         steps.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), expected, atol=1e-5, rtol=0)
     assert int(cache.index) == SEQ_LEN
+
+
+# The default CPU attention path: head_dim 32 (the CPU kernel needs a multiple of 16) and 150 tokens, more than two
+# of the kernel's 64-key blocks and a partial third, under `auto` (which picks the kernel here) and forced.
+KERNEL_BASE = ModelConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=160,
+                          max_seq_len=160, norm_eps=1e-5, dtype="float32", remat_policy="none")
+KERNEL_SEQ_LEN = 150
+
+
+@pytest.fixture(scope="module", params=["auto", "flash_cpu"])
+def kernel_pair(request):
+    from llama_jax.attention import cpu
+
+    assert cpu.unavailable_reason() is None  # else `auto` would quietly test XLA's attention instead
+    config = dataclasses.replace(KERNEL_BASE, attention_impl=request.param)
+    reference = random_hf_model(config, seed=7)
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, size=(2, KERNEL_SEQ_LEN))
+    return config, reference, ours_from_hf(config, reference), tokens
+
+
+def test_cpu_kernel_forward_matches_transformers(kernel_pair):
+    config, reference, ours, tokens = kernel_pair
+    got = np.asarray(forward(ours, jnp.asarray(tokens, jnp.int32)))
+    np.testing.assert_allclose(got, hf_logits(reference, tokens), atol=1e-5, rtol=0)
+
+
+def test_cpu_kernel_config_kv_cache_decode_matches_transformers(kernel_pair):
+    config, reference, ours, tokens = kernel_pair
+    arch, weights = generate.decode_weights(ours)
+    cache = generate.LayerCache.empty(config, batch=2, max_len=KERNEL_SEQ_LEN + 10)
+    logits, cache = decode_forward(arch, weights, jnp.asarray(tokens[:, :100], jnp.int32), 0, cache)
+    steps = [np.asarray(logits)]
+    for t in range(100, KERNEL_SEQ_LEN):
+        logits, cache = decode_forward(arch, weights, jnp.asarray(tokens[:, t:t + 1], jnp.int32), t, cache)
+        steps.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), hf_logits(reference, tokens), atol=1e-5, rtol=0)
