@@ -203,7 +203,8 @@ class SentencePieceAdapter:
 def llama2_like_sentencepiece() -> SentencePieceAdapter:
     """A small BPE model trained with Llama 2's SentencePiece settings (byte fallback, digits split, identity
     normalisation, whitespace as a piece prefix), to check the answer boundary on real merges."""
-    sentencepiece = pytest.importorskip("sentencepiece")
+    import sentencepiece
+
     words = ("the a of to and in is it you that he was for on are with as his they at one have this from or had by "
              "word but what some we can out other were all there when up use your how said an each she which do "
              "their time if will way about many then them write would like so these her long make thing see").split()
@@ -291,9 +292,9 @@ def test_untrained_answer_stays_in_context_without_loss(style, tokenizer):
 
 
 def test_llama3_matches_metas_chat_format_with_the_real_tokenizer():
-    """Meta's own llama3 ChatFormat and tokenizer (llama_models, when installed) as a second code path."""
-    chat_format = pytest.importorskip("llama_models.llama3.chat_format")
+    """Meta's own llama3 ChatFormat and tokenizer (llama_models, a pinned test dependency) as a second code path."""
     from llama_models.datatypes import RawMessage
+    from llama_models.llama3 import chat_format
     from llama_models.llama3.tokenizer import Tokenizer
 
     meta_tokenizer = Tokenizer.get_instance()

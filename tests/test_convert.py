@@ -203,8 +203,11 @@ def test_meta_shards_have_meta_shapes(case):
     for file in (root / "meta_shapes").glob("consolidated.*.pth"):  # records filled in place, CRCs and all
         with zipfile.ZipFile(file) as archive:
             assert archive.testzip() is None
-    with convert.open_source(root / "meta_shapes") as source:  # reading releases pages: a second read is the same
-        assert np.array_equal(source.read("blocks.attention.w_q"), source.read("blocks.attention.w_q"))
+    # Reading releases the file's pages as it goes: a second read must still return the reference's weights.
+    _, reference_params = convert.read_params(hf_dir)
+    with convert.open_source(root / "meta_shapes") as source:
+        for _ in range(2):
+            assert np.array_equal(source.read("blocks.attention.w_q"), reference_params["blocks.attention.w_q"])
     # The other family's embedding layout on request; reading tells the two apart by shape.
     other = "dim" if config is LLAMA3 else "vocab"
     convert.convert(hf_dir, root / "meta_other", "meta", shards=2, meta_embedding_split=other)

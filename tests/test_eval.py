@@ -289,7 +289,6 @@ metric_list:
 @pytest.fixture(scope="module")
 def local_task(workspace, choice_examples, tmp_path_factory) -> Path:
     """A folder with an lm-eval task whose data is a local JSONL file of the multiple-choice examples."""
-    pytest.importorskip("lm_eval")
     import eval.lm_eval_adapter  # noqa: F401  (registers "llama_jax")
 
     examples, _ = choice_examples
@@ -363,7 +362,6 @@ def test_greedy_generation_on_the_scorers_mesh_matches_full_forward(model, loade
 
 
 def test_lm_eval_generate_until_and_rolling(model, checkpoint, loaded):
-    pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
     from eval.lm_eval_adapter import LlamaJaxLM
@@ -381,6 +379,14 @@ def test_lm_eval_generate_until_and_rolling(model, checkpoint, loaded):
     ids = [tokenizer.bos_id] + tokenizer.encode(text)
     rolling = adapter.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
     assert rolling[0] == pytest.approx(full_forward_log_probs(model, ids).sum(), rel=1e-5)
-    # With windows shorter than the text, every token is still scored exactly once.
+    # With windows shorter than the text, every token is scored once, in lm-eval's own rolling windows: each
+    # window's continuation conditioned on that window's context only.
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
     windowed = rolling_log_likelihoods(adapter.scorer, tokenizer, [text], max_length=4)
-    assert len(ids) - 1 > 4 and np.isfinite(windowed[0]) and windowed[0] != rolling[0]
+    windows = [make_disjoint_window(window) for window in get_rolling_token_windows(
+        token_list=ids[1:], prefix_token=tokenizer.bos_id, max_seq_len=4, context_len=1)]
+    assert len(windows) > 2 and sum(len(continuation) for _, continuation in windows) == len(ids) - 1
+    by_hand = sum(full_forward_log_probs(model, context + continuation)[-len(continuation):].sum()
+                  for context, continuation in windows)
+    assert windowed[0] == pytest.approx(by_hand, rel=1e-5) and abs(windowed[0] - rolling[0]) > 1e-3

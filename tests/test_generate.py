@@ -22,9 +22,10 @@ from flax import nnx
 from hf_reference import ours_from_hf, random_hf_model
 
 from eval.chat import PROMPT_PAD_MULTIPLE
+from llama_jax import generate as generate_module
 from llama_jax.config import MODEL_PRESETS
 from llama_jax.errors import ConfigError
-from llama_jax.generate import IncrementalDecoder, Sampling, generate, left_pad, sample_tokens, stream
+from llama_jax.generate import GREEDY, IncrementalDecoder, Sampling, generate, left_pad, sample_tokens, stream
 from llama_jax.model import Llama
 from llama_jax.tokenizer import train_sentencepiece
 
@@ -162,6 +163,14 @@ def test_generation_ends_early_when_every_row_has_stopped(model, prompts, greedy
     first_tokens = {c.tokens[0] for c in greedy_batch}
     completions = generate(model, prompts, max_new_tokens=MAX_NEW, stop_ids=first_tokens)
     assert all(c.tokens == [] and c.finish_reason == "stop" for c in completions)
+    # The decode loop itself stopped after the first token instead of running on to MAX_NEW masked steps.
+    prepared = generate_module._prepare(model, prompts, MAX_NEW, GREEDY, 0, first_tokens, 16)
+    _, steps = generate_module._generate_jitted(prepared.arch, prepared.weights, prepared.prompts, prepared.rules,
+                                                True, prepared.cache_len, MAX_NEW)
+    _, steps_without_stops = generate_module._generate_jitted(
+        prepared.arch, prepared.weights, prepared.prompts, prepared.rules._replace(
+            stop_ids=jnp.full_like(prepared.rules.stop_ids, -1)), True, prepared.cache_len, MAX_NEW)
+    assert (int(steps), int(steps_without_stops)) == (1, MAX_NEW)
 
 
 # ── Sampling ─────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -199,8 +208,11 @@ def test_top_k_and_top_p_only_draw_from_the_kept_set():
 
 def test_bad_sampling_settings_are_one_line_errors(model):
     for kwargs in ({"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError) as raised:
             Sampling(**kwargs)
+        [(key, value)] = kwargs.items()
+        message = str(raised.value)
+        assert len(message.splitlines()) == 1 and message.startswith(f"{key}={value} is not allowed: expected")
     with pytest.raises(ConfigError, match="max_seq_len"):
         generate(model, [[1] * 250], max_new_tokens=10)
     with pytest.raises(ConfigError, match="vocabulary"):

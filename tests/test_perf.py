@@ -53,7 +53,6 @@ def test_xla_ceiling_is_positive_and_finite_for_a_tiny_matmul():
 
 
 def test_torch_ceiling_is_positive_and_finite_for_a_tiny_matmul():
-    pytest.importorskip("torch")
     rate = perf.measure_torch_matmul_ceiling("bfloat16", size=64, repeats=2)
     assert math.isfinite(rate) and rate > 0
 

@@ -189,7 +189,7 @@ LLAMA3_TEXTS = [
 
 @pytest.fixture(scope="module")
 def llama3_file() -> Path:
-    pytest.importorskip("llama_models", reason="llama-models (test extra) ships Meta's Llama 3 tokenizer file")
+    # llama-models (a pinned test dependency) ships Meta's Llama 3 tokenizer file.
     package_dir = Path(importlib.util.find_spec("llama_models").submodule_search_locations[0])
     path = package_dir / "llama3" / "tokenizer.model"
     if not path.is_file():
@@ -225,7 +225,6 @@ def test_llama3_matches_meta_reference(llama3, llama3_file):
 
 def test_llama3_matches_hugging_face_conversion(llama3, llama3_file):
     """A second BPE engine (Rust `tokenizers`) and transformers' own copy of the pre-tokenizer regex."""
-    pytest.importorskip("transformers")
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     reference = TikTokenConverter(vocab_file=str(llama3_file)).converted()
