@@ -182,6 +182,31 @@ def synthetic_sweep(tmp_path: Path, bits_per_byte) -> tuple[Path, list]:
     return out, runs
 
 
+def expected_isoflop_exponents(runs, law) -> tuple[float, float]:
+    """The slope of ln N_opt against ln C (numpy parabola vertices, and the exact minimum of the law along each
+    budget's runs, FLOPs per token interpolated between them)."""
+    def loss(n, d):
+        return law["E"] + law["A"] / n ** law["alpha"] + law["B"] / d ** law["beta"]
+
+    budgets: dict[float, list] = {}
+    for run in runs:
+        budgets.setdefault(run.budget, []).append(run)
+    log_flops, vertices, valleys = [], [], []
+    for budget, group in sorted(budgets.items()):
+        group.sort(key=lambda run: run.non_embedding_params)
+        log_n = np.log([run.non_embedding_params for run in group])
+        losses = np.array([loss(run.non_embedding_params, run.tokens) for run in group])
+        best = int(np.argmin(losses))
+        chosen = slice(max(0, best - 2), best + 3)
+        a, b, _ = np.polyfit(log_n[chosen], losses[chosen], 2)
+        vertices.append(-b / (2 * a))
+        grid = np.linspace(log_n[0], log_n[-1], 20001)
+        flops_per_token = np.exp(np.interp(grid, log_n, np.log([run.flops_per_token for run in group])))
+        valleys.append(grid[np.argmin(loss(np.exp(grid), budget / flops_per_token))])
+        log_flops.append(np.log(np.mean([run.flops for run in group])))
+    return float(np.polyfit(log_flops, vertices, 1)[0]), float(np.polyfit(log_flops, valleys, 1)[0])
+
+
 def test_fit_recovers_a_known_law_from_run_directories(tmp_path, capsys):
     """Run directories whose final evaluations follow L = E + A/N^α + B/D^β: collection and both fits see it."""
     # Equal exponents put the optimum at D/N = (B/A)^(1/α) = 20, where the ladder is centred.
@@ -197,9 +222,14 @@ def test_fit_recovers_a_known_law_from_run_directories(tmp_path, capsys):
     beta = float(report.split("beta  = ")[1].split()[0])
     assert alpha == pytest.approx(0.32, abs=0.01) and beta == pytest.approx(0.32, abs=0.01)
     # The IsoFLOP minima follow the same law: N_opt ∝ C^(β/(α+β)) = C^0.5, up to how the real C differs from 6ND
-    # (the head's share of the FLOPs shrinks as models grow) and to the parabola's fit of a power-law valley.
+    # (the head's share of the FLOPs shrinks as models grow) and to the parabola's fit of a power-law valley. Both
+    # are derived here independently: numpy parabolas through each budget's lowest loss and two sizes either side
+    # (what the report's a must equal, to its printed digits), and the law's true valley along each budget with
+    # the runs' real FLOPs per token (which the parabolas approximate).
     exponent = float(report.split("N_opt ∝ C^a: a = ")[1].split()[0])
-    assert 0.4 < exponent < 0.75
+    by_parabolas, by_valley = expected_isoflop_exponents(runs, law)
+    assert exponent == pytest.approx(by_parabolas, abs=0.006)
+    assert abs(exponent - by_valley) < 0.05
     for name in ("loss_vs_flops", "isoflop_profiles", "compute_frontier"):
         assert (out / "fit" / f"{name}.png").stat().st_size > 0
     table = np.genfromtxt(out / "fit" / "results.csv", delimiter=",", names=True, dtype=None, encoding=None)
