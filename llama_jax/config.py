@@ -22,7 +22,8 @@ from llama_jax.errors import ConfigError
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
-ATTENTION_IMPLS = ("auto", "dense", "chunked", "flash_cpu")
+ATTENTION_IMPLS = ("auto", "dense", "chunked", "flash_cpu", "cudnn", "pallas", "splash")
+SPLASH_BLOCK_MULTIPLE = 128  # splash attention's blocks are whole TPU vector lanes
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,10 @@ class ModelConfig:
     # How it computes (not part of the checkpoint's identity).
     dtype: str = "bfloat16"  # compute dtype; parameters, softmax, norm statistics, logits and loss stay float32
     remat_policy: str = "full"
-    attention_impl: str = "auto"  # dense materialises [B, H, S, S] scores; chunked never does; auto picks by length
+    attention_impl: str = "auto"  # a fused kernel for the mesh's platform where it can run; see docs/performance.md
     attention_chunk: int = 256  # query block of the chunked path (the fastest of 128/256/512 measured on CPU)
+    splash_block_q: int = 512  # splash attention (TPU): query block, forward and backward (MaxText's default)
+    splash_block_kv: int = 512  # splash attention: key/value block; both are capped at the sequence length
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", "attention_chunk"):
@@ -86,6 +89,9 @@ class ModelConfig:
                  f"one of {REMAT_POLICIES}")
         _require(self.attention_impl in ATTENTION_IMPLS, "model.attention_impl", self.attention_impl,
                  f"one of {ATTENTION_IMPLS}")
+        for name in ("splash_block_q", "splash_block_kv"):
+            _require(getattr(self, name) > 0 and getattr(self, name) % SPLASH_BLOCK_MULTIPLE == 0, f"model.{name}",
+                     getattr(self, name), f"a positive multiple of {SPLASH_BLOCK_MULTIPLE}")
 
     @property
     def kv_heads(self) -> int:

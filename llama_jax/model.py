@@ -211,7 +211,7 @@ class Llama(nnx.Module):
         batch, length = tokens.shape
         slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         positions = slots if positions is None else positions
-        segment_ids = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
+        # No segment ids: one document per row, a causal-only mask (which lets attention pick a kernel without them)
         mask = AttentionMask(slots, segment_ids, slots, segment_ids)
         inputs = LayerInputs(Rotary.at(positions, rope_frequencies(config)), mask, None)
         x = self.embed(tokens)

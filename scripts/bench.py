@@ -2,7 +2,8 @@
 
     python -m scripts.bench --config bench-s|bench-4k [--steps N] [--warmup N] [--dtype bfloat16|float32]
                             [--remat full|save_dots|save_attention_out|none] [--attention-chunk N]
-                            [--attention-impl auto|dense|chunked|flash_cpu] [--loss-chunk N] [--peer/--no-peer]
+                            [--attention-impl auto|dense|chunked|flash_cpu|cudnn|pallas|splash] [--loss-chunk N]
+                            [--peer/--no-peer]
                             [--json OUT]
 
 OURS is `Trainer.jit_step` on a one-device mesh (synthetic random tokens, one fixed batch, AdamW with clipping);
@@ -44,6 +45,8 @@ BENCH_SHAPES = {  # config name → (model preset, seq_len, batch)
     "bench-4k": ("bench-s", 4096, 2),
 }
 SEED = 0
+# llama_jax.config.ATTENTION_IMPLS, spelled out: the parent process must not import llama_jax (see above).
+ATTENTION_IMPLS = ("auto", "dense", "chunked", "flash_cpu", "cudnn", "pallas", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -491,7 +494,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--remat", choices=("full", "save_dots", "save_attention_out", "none"), default="full")
     parser.add_argument("--attention-chunk", type=int, default=None, help="model.attention_chunk (default 256)")
-    parser.add_argument("--attention-impl", choices=("auto", "dense", "chunked", "flash_cpu"), default=None)
+    parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default=None)
     parser.add_argument("--loss-chunk", type=int, default=None,
                         help="override trainer.HEAD_CHUNK (sequence positions per output-head chunk)")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,

@@ -145,3 +145,11 @@ def test_every_program_runs_through_the_shared_error_handling(program):
         assert calls == ["main()"]
     else:
         assert calls == ["run_program(main)"], f"{program} must end with `run_program(main)`"
+
+
+def test_the_benchmarks_lean_copy_of_the_attention_choices_is_current():
+    """scripts.bench's parent process may not import llama_jax.config, so it spells the choices out."""
+    from llama_jax.config import ATTENTION_IMPLS
+    from scripts import bench
+
+    assert bench.ATTENTION_IMPLS == ATTENTION_IMPLS

@@ -35,7 +35,7 @@ USAGE = """usage: python -m train.sft CONFIG.yaml init_from=CHECKPOINT data.path
 
 Config keys (as for train.pretrain, plus init_from and sft.*):
 """
-COMPUTE_FIELDS = ("dtype", "remat_policy", "attention_impl", "attention_chunk")
+COMPUTE_FIELDS = ("dtype", "remat_policy", "attention_impl", "attention_chunk", "splash_block_q", "splash_block_kv")
 
 
 def main(argv: Sequence[str]) -> int:

@@ -24,13 +24,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from flax.linen import spmd as flax_spmd
-from jax.sharding import PartitionSpec
 
 from llama_jax.attention.mask import AttentionMask
+from llama_jax.attention.shards import over_shards, target_platform, unshardable_reason
 from llama_jax.attention.xla import saveable
 from llama_jax.errors import KernelError
-from llama_jax.sharding import logical_to_spec
 
 SOURCE = Path(__file__).with_name("flash_attention_cpu.cc")
 FORWARD_TARGET, BACKWARD_TARGET = "llama_jax_flash_attention_forward", "llama_jax_flash_attention_backward"
@@ -93,49 +91,24 @@ def unavailable_reason() -> str | None:
 
 
 def flash_attention_supports(q: jax.Array, k: jax.Array) -> str | None:
-    """None if the kernel can run these shapes and dtypes on the current backend and mesh, else why not."""
-    if jax.default_backend() != "cpu":
-        return f"the kernel is for CPU, not {jax.default_backend()}"
+    """None if the kernel can run these shapes and dtypes on the mesh's platform (`shards.target_platform`: the
+    platform of the mesh's devices, outside a mesh the default backend) and mesh, else why not."""
+    platform = target_platform()
+    if platform != "cpu":
+        return f"the kernel is for CPU, not {platform}"
     if q.dtype != k.dtype or q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} (supported: bfloat16, float32)"
     if q.shape[-1] % 16:
         return f"head_dim {q.shape[-1]} is not a multiple of 16"
-    if _shard_specs(q, k) is None:
-        return "the mesh splits the sequence, or splits query and key/value heads differently"
-    return unavailable_reason()
-
-
-def _shard_specs(q: jax.Array, k: jax.Array) -> tuple[PartitionSpec, PartitionSpec] | None | tuple[()]:
-    """PartitionSpecs of q and k/v under the current mesh and rules: () outside a mesh, None if the kernel cannot
-    run shard by shard (the sequence is split, or heads are split unlike kv heads, which breaks the grouping)."""
-    rules = flax_spmd.get_logical_axis_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty or mesh.size == 1:
-        return ()
-    q_spec = logical_to_spec(("batch", "length", "heads", "head_dim"), tuple(rules), q.shape, mesh)
-    k_spec = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), tuple(rules), k.shape, mesh)
-    if q_spec[1] or k_spec[1] or q_spec[3] or k_spec[3] or q_spec[0] != k_spec[0] or q_spec[2] != k_spec[2]:
-        return None
-    return q_spec, k_spec
-
-
-def _over_shards(kernel, q: jax.Array, k: jax.Array, args: tuple, out_kinds: tuple[str, ...]):
-    """Run `kernel(*args)` on each device's shard. Arguments and results are named by kind: "q" [b, s, heads, d],
-    "kv" [b, t, kv_heads, d], "tokens" [b, s], "heads" [b, heads, s]."""
-    specs = _shard_specs(q, k)
-    if specs == ():
-        return kernel(*args)
-    q_spec, k_spec = specs
-    by_kind = {"q": q_spec, "kv": k_spec, "tokens": PartitionSpec(q_spec[0], None),
-               "heads": PartitionSpec(q_spec[0], q_spec[2], None)}
-    in_kinds = ("q", "kv", "kv", "tokens", "tokens", "tokens", "tokens", "q", "heads", "q")[:len(args)]
-    return jax.shard_map(kernel, in_specs=tuple(by_kind[kind] for kind in in_kinds),
-                         out_specs=tuple(by_kind[kind] for kind in out_kinds), check_vma=False)(*args)
+    return unshardable_reason(q, k) or unavailable_reason()
 
 
 def _mask_arrays(mask: AttentionMask) -> tuple[jax.Array, ...]:
-    return tuple(x.astype(jnp.int32) for x in (mask.query_slots, mask.query_segments, mask.key_slots,
-                                              mask.key_segments))
+    query_segments, key_segments = mask.segments()
+    return tuple(x.astype(jnp.int32) for x in (mask.query_slots, query_segments, mask.key_slots, key_segments))
+
+
+_IN_KINDS = ("q", "kv", "kv", "tokens", "tokens", "tokens", "tokens", "q", "heads", "q")
 
 
 def flash_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -149,7 +122,8 @@ def flash_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array,
                                                  jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)),
                                 vmap_method="sequential")(q, k, v, *mask_arrays)
 
-    return _over_shards(kernel, q, k, (q, k, v, *_mask_arrays(mask)), ("q", "heads"))
+    args = (q, k, v, *_mask_arrays(mask))
+    return over_shards(kernel, q, k, args, _IN_KINDS[:len(args)], ("q", "heads"))
 
 
 def flash_attention_backward(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, out: jax.Array,
@@ -162,7 +136,7 @@ def flash_attention_backward(q: jax.Array, k: jax.Array, v: jax.Array, mask: Att
         return jax.ffi.ffi_call(BACKWARD_TARGET, shapes, vmap_method="sequential")(q, k, v, *rest)
 
     args = (q, k, v, *_mask_arrays(mask), out.astype(q.dtype), log_normaliser, grad_out.astype(q.dtype))
-    return _over_shards(kernel, q, k, args, ("q", "kv", "kv"))
+    return over_shards(kernel, q, k, args, _IN_KINDS, ("q", "kv", "kv"))
 
 
 def _require_kernel() -> None:

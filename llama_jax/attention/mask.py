@@ -1,7 +1,9 @@
 """Which keys each query may see, for every attention implementation.
 
 Masks come from slots, not positions: a query attends to keys at the same or an earlier slot with the same segment
-id. Segment ids keep packed documents apart (0 marks padding and empty cache slots).
+id. Segment ids keep packed documents apart (0 marks padding and empty cache slots). A mask without segment ids
+(both None) is causal only: each row is one document. That it has none is known while tracing, so a kernel that
+cannot mask documents (cuDNN's) is chosen only then (`llama_jax.attention.implementation`).
 """
 from __future__ import annotations
 
@@ -14,19 +16,32 @@ Array = jax.Array
 
 
 class AttentionMask(NamedTuple):
-    """What each query may see: keys at a slot ≤ its own slot, with the same segment id."""
+    """What each query may see: keys at a slot ≤ its own slot, with the same segment id (if there are any)."""
 
     query_slots: Array  # [batch, q_len] int32
-    query_segments: Array  # [batch, q_len] int32
+    query_segments: Array | None  # [batch, q_len] int32; None (with key_segments): one document per row
     key_slots: Array  # [batch, kv_len] int32
-    key_segments: Array  # [batch, kv_len] int32
+    key_segments: Array | None  # [batch, kv_len] int32
+
+    @property
+    def has_segments(self) -> bool:
+        """Whether segment ids may separate documents within a row (static: known while tracing)."""
+        return self.query_segments is not None or self.key_segments is not None
 
     def dense(self, q_range: slice = slice(None), kv_range: slice = slice(None)) -> Array:
-        q_slots, q_segments = self.query_slots[:, q_range], self.query_segments[:, q_range]
-        k_slots, k_segments = self.key_slots[:, kv_range], self.key_segments[:, kv_range]
+        q_slots, k_slots = self.query_slots[:, q_range], self.key_slots[:, kv_range]
         causal = k_slots[:, None, :] <= q_slots[:, :, None]
-        same_segment = k_segments[:, None, :] == q_segments[:, :, None]
-        return causal & same_segment  # [batch, q_len, kv_len]
+        if not self.has_segments:
+            return causal  # [batch, q_len, kv_len]
+        q_segments, k_segments = self.segments()
+        same_segment = k_segments[:, kv_range][:, None, :] == q_segments[:, q_range][:, :, None]
+        return causal & same_segment
+
+    def segments(self) -> tuple[Array, Array]:
+        """Query and key segment ids, all ones (one document) where the mask has none."""
+        ones = jnp.ones_like
+        return (ones(self.query_slots) if self.query_segments is None else self.query_segments,
+                ones(self.key_slots) if self.key_segments is None else self.key_segments)
 
     @classmethod
     def into_cache(cls, slots: Array, segment_ids: Array, cache_segments: Array, start: Array) -> AttentionMask:
