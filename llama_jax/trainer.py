@@ -72,11 +72,17 @@ class Trainer(ModelOnMesh):
 
     # ── Shardings ────────────────────────────────────────────────────────────────────────────────────────────
     def state_shardings(self) -> TrainState:
+        """The state's shardings: optimizer-state trees shaped like the parameters (AdamW's mu, nu) are sharded like
+        the parameters, every other leaf (step counts) replicated. Derived from abstract shapes only: optax's
+        `tree_map_params` would run `optimizer.init` eagerly, which executes on the current mesh's devices and so
+        fails on compile-only devices (a TPU topology planned from a CPU machine) or under `jax.set_mesh`."""
         params = self.param_shardings()
         abstract_params = {name: jax.ShapeDtypeStruct(spec.shape, jnp.float32)
                            for name, spec in param_specs(self.model_config).items()}
         abstract_opt_state = jax.eval_shape(self.optimizer.init, abstract_params)
-        opt_state = optax.tree_map_params(self.optimizer, lambda _, sharding: sharding, abstract_opt_state, params,
+        # The same structural matching as tree_map_params(self.optimizer, ...), with init traced, never executed.
+        opt_state = optax.tree_map_params(lambda placeholder: jax.eval_shape(self.optimizer.init, placeholder),
+                                          lambda _, sharding: sharding, abstract_opt_state, params,
                                           transform_non_params=lambda _: replicated(self.mesh))
         scalar = replicated(self.mesh)
         return TrainState(step=scalar, params=params, opt_state=opt_state, rng=scalar, data_skip=scalar)
