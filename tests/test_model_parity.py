@@ -61,16 +61,22 @@ def test_full_forward_matches_transformers(pair):
 def test_kv_cache_decode_matches_transformers(pair):
     """Prefill 20 tokens, then feed the rest one at a time: every step's logits equal the reference's."""
     config, reference, ours, tokens = pair
-    expected = hf_logits(reference, tokens)
-    arch, weights = generate.decode_weights(ours)
-    cache = generate.LayerCache.empty(config, batch=2, max_len=SEQ_LEN + 8)
-    logits, cache = decode_forward(arch, weights, jnp.asarray(tokens[:, :20], jnp.int32), 0, cache)
+    logits, cache = prefill_then_decode(config, ours, tokens, prefill=20, max_len=SEQ_LEN + 8)
+    np.testing.assert_allclose(logits, hf_logits(reference, tokens), atol=1e-5, rtol=0)
+    assert int(cache.index) == SEQ_LEN
+
+
+def prefill_then_decode(config, model, tokens, *, prefill: int, max_len: int):
+    """Logits of every position through the decoder (llama_jax.generate): the first `prefill` tokens in one call,
+    then one token per call from the KV cache; and the final cache."""
+    arch, weights = generate.decode_weights(model)
+    cache = generate.LayerCache.empty(config, batch=tokens.shape[0], max_len=max_len)
+    logits, cache = decode_forward(arch, weights, jnp.asarray(tokens[:, :prefill], jnp.int32), 0, cache)
     steps = [np.asarray(logits)]
-    for t in range(20, SEQ_LEN):
+    for t in range(prefill, tokens.shape[1]):
         logits, cache = decode_forward(arch, weights, jnp.asarray(tokens[:, t:t + 1], jnp.int32), t, cache)
         steps.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), expected, atol=1e-5, rtol=0)
-    assert int(cache.index) == SEQ_LEN
+    return np.concatenate(steps, axis=1), cache
 
 
 # The default CPU attention path: head_dim 32 (the CPU kernel needs a multiple of 16) and 150 tokens, more than two
@@ -99,11 +105,5 @@ def test_cpu_kernel_forward_matches_transformers(kernel_pair):
 
 def test_cpu_kernel_config_kv_cache_decode_matches_transformers(kernel_pair):
     config, reference, ours, tokens = kernel_pair
-    arch, weights = generate.decode_weights(ours)
-    cache = generate.LayerCache.empty(config, batch=2, max_len=KERNEL_SEQ_LEN + 10)
-    logits, cache = decode_forward(arch, weights, jnp.asarray(tokens[:, :100], jnp.int32), 0, cache)
-    steps = [np.asarray(logits)]
-    for t in range(100, KERNEL_SEQ_LEN):
-        logits, cache = decode_forward(arch, weights, jnp.asarray(tokens[:, t:t + 1], jnp.int32), t, cache)
-        steps.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), hf_logits(reference, tokens), atol=1e-5, rtol=0)
+    logits, _ = prefill_then_decode(config, ours, tokens, prefill=100, max_len=KERNEL_SEQ_LEN + 10)
+    np.testing.assert_allclose(logits, hf_logits(reference, tokens), atol=1e-5, rtol=0)
