@@ -79,12 +79,30 @@ class Accelerator:
     source: str
 
 
-# Peak rates from NVIDIA's datasheets (the sparsity figures there are twice these).
+# Dense bf16 tensor-core peaks from the vendors' datasheets (the sparsity figures there are twice these), TFLOP/s per
+# device, by a name that jax.Device.device_kind contains: the first match wins, so more specific names come first.
+GPU_PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM5, also reported as "H100 80GB HBM3"
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+)
+
+
+def gpu_peak_bf16_tflops(device_kind: str) -> float | None:
+    """The datasheet peak of the GPU `device_kind` names (as jax.Device.device_kind spells it), or None."""
+    return next((tflops for name, tflops in GPU_PEAK_BF16_TFLOPS if name.lower() in device_kind.lower()), None)
+
+
 ACCELERATORS = {
-    "h100-sxm": Accelerator("H100 SXM", 989.0, 80.0,
+    "h100-sxm": Accelerator("H100 SXM", gpu_peak_bf16_tflops("H100 SXM"), 80.0,
                             "NVIDIA H100 Tensor Core GPU datasheet: BF16 Tensor Core 1,979 TFLOP/s with sparsity "
                             "= 989 dense; 80 GB HBM3"),
-    "a100-80gb": Accelerator("A100 80GB", 312.0, 80.0,
+    "a100-80gb": Accelerator("A100 80GB", gpu_peak_bf16_tflops("A100 80GB"), 80.0,
                              "NVIDIA A100 Tensor Core GPU datasheet: BF16 Tensor Core 312 TFLOP/s dense "
                              "(624 with sparsity); 80 GB HBM2e"),
 }

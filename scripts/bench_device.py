@@ -11,10 +11,10 @@ kernel that only masks causally). It is compiled ahead of time, so compile time 
 --warmup untimed and --steps timed steps.
 
 MFU is the model's FLOPs per second (`ModelConfig.flops_per_token`, PaLM's definition) divided by the chip's
-published dense bf16 peak (`PUBLISHED_PEAK_TFLOPS`, by the device kind JAX reports); for a device the table does
-not know (a CPU, say) it divides by a matrix multiply measured here instead and says so. Peak memory is the
-device's own high-water mark (`memory_stats()["peak_bytes_in_use"]`) where the backend reports one, else this
-process's peak RSS. Figures from a device go to benchmarks/, with the card they came from.
+published dense bf16 peak (`llama_jax.planner.GPU_PEAK_BF16_TFLOPS`, by the device kind JAX reports); for a device
+the table does not know (a CPU, say) it divides by a matrix multiply measured here instead and says so. Peak memory
+is the device's own high-water mark (`memory_stats()["peak_bytes_in_use"]`) where the backend reports one, else
+this process's peak RSS. Figures from a device go to benchmarks/, with the card they came from.
 """
 from __future__ import annotations
 
@@ -30,18 +30,6 @@ from typing import Any
 from llama_jax.cli import run_program
 from llama_jax.errors import ConfigError
 
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s per chip; matched against
-# jax.Device.device_kind in order (the first substring found wins, so the more specific names come first).
-PUBLISHED_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.4),  # SXM5 (and "H100 80GB HBM3")
-    ("H200", 989.4),
-    ("GH200", 989.4),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-)
 SEED = 0
 
 
@@ -68,11 +56,11 @@ BENCHES = {
 
 
 def published_peak(device_kind: str) -> float | None:
-    """FLOP/s of one chip from the datasheet table, or None for a device it does not list."""
-    for name, tflops in PUBLISHED_PEAK_TFLOPS:
-        if name.lower() in device_kind.lower():
-            return tflops * 1e12
-    return None
+    """FLOP/s of one chip from the planner's datasheet table, or None for a device it does not list."""
+    from llama_jax.planner import gpu_peak_bf16_tflops  # imports no jax
+
+    tflops = gpu_peak_bf16_tflops(device_kind)
+    return None if tflops is None else tflops * 1e12
 
 
 def peak_memory_bytes(device: Any) -> tuple[int, str]:
