@@ -21,7 +21,7 @@ from pathlib import Path
 from llama_jax.chat_format import CHAT_STYLES, Message, dialog_prompt, generation_stop_ids
 from llama_jax.cli import add_model_arguments, run_program
 from llama_jax.errors import ConfigError, DataError
-from llama_jax.jsonl import read_jsonl
+from llama_jax.jsonl import read_jsonl, utf8_text
 
 CHAT_FORMAT_NONE = "none"
 
@@ -66,9 +66,10 @@ def prompt_tokens(text: str, tokenizer, chat_format: str, system: str | None) ->
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts of a file: JSONL objects with a "prompt" key if the first non-blank line is one, else one per line."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read prompts ({error})") from None
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read prompts ({error.strerror or error})") from None
+    lines = utf8_text(data, path).splitlines()
     numbered = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
     if not numbered:
         raise DataError(f"{path}: no prompts (the file is empty)")

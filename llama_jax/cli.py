@@ -12,9 +12,12 @@ Conventions (CONTRIBUTING.md has them in prose):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from llama_jax.errors import ConfigError, LlamaJaxError
@@ -31,6 +34,19 @@ def run_program(main: Callable[[Sequence[str]], int | None], argv: Sequence[str]
         print(f"error: {error}", file=sys.stderr)
         abort(USAGE_ERROR_STATUS, "a user error ended this process")
     sys.exit(status or 0)
+
+
+@contextlib.contextmanager
+def removed_on_error(path: Path) -> Iterator[None]:
+    """Delete `path` if this block created it and then failed: a program that rejects its inputs while setting up
+    a run leaves no run directory behind (a run directory that existed before is left as it was)."""
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def abort(status: int, reason: str) -> None:

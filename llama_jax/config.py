@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llama_jax.cli import parse_mesh
 from llama_jax.errors import ConfigError
+from llama_jax.jsonl import utf8_text
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
@@ -181,10 +182,16 @@ class TrainConfig:
     log_every_steps: int = 10
     document_masking: bool = False  # attend only within each packed document (Llama 3) instead of across (Llama 2)
     peak_tflops: float | None = None  # per device, for MFU; None = measure a matrix multiply on this machine
+    # JAX's persistent compilation cache, so a restart loads the programs instead of compiling them again
+    # (run_loop.enable_compilation_cache): auto = $JAX_COMPILATION_CACHE_DIR, else <LLAMA_JAX_CACHE>/jax_compilation,
+    # in single-process runs; none = off; anything else = that directory, in every run.
+    compilation_cache: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every_steps"):
             _require(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "a positive integer")
+        _require(bool(self.compilation_cache.strip()), "train.compilation_cache", self.compilation_cache,
+                 "auto, none, or a directory")
         _require(self.batch_size % self.grad_accum == 0, "train.grad_accum", self.grad_accum,
                  f"a divisor of train.batch_size={self.batch_size}")
 
@@ -344,7 +351,27 @@ def _preset(name: str) -> ModelConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run config and apply `key=value` overrides (values parsed as YAML)."""
+    """Read a YAML run config and apply `key=value` overrides (values parsed as YAML).
+
+    A value the file got wrong is reported with the file's path in front; one an override got wrong, as it is
+    (the message names the key the user typed)."""
+    try:
+        return _load_config(path, overrides)
+    except ConfigError as error:
+        if path is None or str(path) in str(error) or not _file_alone_fails_the_same(path, error):
+            raise
+        raise ConfigError(f"config file {path}: {error}") from None
+
+
+def _file_alone_fails_the_same(path: str | Path, error: ConfigError) -> bool:
+    try:
+        _load_config(path, ())
+    except ConfigError as file_error:
+        return str(file_error) == str(error)
+    return False
+
+
+def _load_config(path: str | Path | None, overrides: Sequence[str]) -> RunConfig:
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path))
@@ -377,15 +404,43 @@ def _model_from_raw(value: Any) -> ModelConfig:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    return read_yaml_mapping(path, "config file")
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (safe tags only); every way it can be wrong is one ConfigError naming the file,
+    and for bad bytes or syntax the line and column."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; expected a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except OSError as error:
+        raise ConfigError(f"{what} {path}: cannot read it ({error.strerror or error})") from None
+    try:
+        text = utf8_text(data, path, ConfigError)
+    except ConfigError as error:
+        raise ConfigError(f"{what} {error}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as error:
+        raise ConfigError(f"{what} {_yaml_error_text(path, error)}".replace("\n", " ")) from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}".replace("\n", " ")) from None
+        raise ConfigError(f"{what} {path}: not valid YAML ({error})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+        raise ConfigError(f"{what} {path} must hold a mapping of keys, not {type(raw).__name__}")
     return raw
+
+
+def _yaml_error_text(path: Path, error: yaml.MarkedYAMLError) -> str:
+    """'PATH:LINE:COLUMN: not valid YAML (problem; context at line L column C)', lines and columns from 1."""
+    mark = error.problem_mark or error.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    detail = error.problem or error.context or "syntax error"
+    if error.context and error.problem and error.context_mark is not None:
+        detail += f"; {error.context} at line {error.context_mark.line + 1} column {error.context_mark.column + 1}"
+    return f"{where}: not valid YAML ({detail})"
 
 
 def _parse_override(text: str) -> tuple[str, Any]:

@@ -59,7 +59,7 @@ import numpy as np
 import tensorstore as ts
 
 from llama_jax.errors import DataError
-from llama_jax.jsonl import read_jsonl
+from llama_jax.jsonl import read_jsonl, utf8_text
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 PathLike = str | os.PathLike[str]
@@ -78,19 +78,20 @@ _PRELOAD_LIMIT_BYTES = 256 << 20  # stores up to this size are read into memory 
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_sources(sources: PathLike | Sequence[PathLike]) -> list[Path]:
-    """Expand files, directories (their *.txt and *.jsonl, recursively) and globs into a sorted file list."""
+def resolve_sources(sources: PathLike | Sequence[PathLike], suffixes: Sequence[str] = SOURCE_SUFFIXES) -> list[Path]:
+    """Expand files, directories (their files with one of `suffixes`, recursively) and globs into a sorted file
+    list."""
     entries = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     files: list[Path] = []
     for entry in entries:
-        files.extend(_expand_source(str(entry)))
+        files.extend(_expand_source(str(entry), suffixes))
     unique = list(dict.fromkeys(path.resolve() for path in files))
     if not unique:
         raise DataError("empty corpus: no source files given")
     return unique
 
 
-def _expand_source(entry: str) -> list[Path]:
+def _expand_source(entry: str, suffixes: Sequence[str]) -> list[Path]:
     if glob.has_magic(entry):
         matches = sorted(Path(match) for match in glob.glob(entry, recursive=True) if Path(match).is_file())
         if not matches:
@@ -98,13 +99,80 @@ def _expand_source(entry: str) -> list[Path]:
         return matches
     path = Path(entry)
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES)
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
         if not found:
-            raise DataError(f"{path}: directory has no {' or '.join(SOURCE_SUFFIXES)} files")
+            raise DataError(f"{path}: directory has no {' or '.join(suffixes)} files")
         return found
     if not path.is_file():
         raise DataError(f"{path}: no such source file")
     return [path]
+
+
+SplitPart = Literal["train", "valid"]
+SINGLE_TEXT_HELD_OUT_FRACTION = 0.1  # as nanoGPT splits a one-file corpus (shakespeare.txt)
+HELD_OUT_RULE = "documents by sha256(text)[:8] % 1000 < 10, at least one; one text: its last 10% from a line start"
+
+
+def corpus_documents(paths: Sequence[Path], part: SplitPart | None = None) -> Iterator[tuple[int, str]]:
+    """(source index, text) of every document of `paths`, in order; with `part`, one side of the held-out split.
+
+    The held-out split, for a corpus given without validation files: a document is held out when the first 8 bytes
+    of the sha256 of its text, mod 1000, fall below VALIDATION_PER_MILLE — so the split follows the text, not where
+    the files live or what they are called — and each side gets at least one document (the one with the smallest
+    hash moves). A corpus of one document (or of copies of one text) holds out the last 10% of its characters
+    instead, cut where a line starts.
+    """
+    if part is None:
+        for source_index, path in enumerate(paths):
+            for text in read_documents(path):
+                yield source_index, text
+        return
+    held_out = _held_out_digests(paths)
+    for source_index, text in corpus_documents(paths):
+        if held_out is None:
+            kept = _split_one_text(text, paths[source_index])[part == "valid"]
+        else:
+            kept = text if (_text_digest(text) in held_out) == (part == "valid") else ""
+        if kept:
+            yield source_index, kept
+
+
+def _text_digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def _held_out_digests(paths: Sequence[Path]) -> frozenset[bytes] | None:
+    """The digests of the held-out documents, or None when the corpus has only one distinct text."""
+    digests = {_text_digest(text) for _, text in corpus_documents(paths) if text}
+    if not digests:
+        raise DataError(f"empty corpus: {len(paths)} source file(s) contain no text (first: {paths[0]})")
+    if len(digests) == 1:
+        return None
+    held_out = {digest for digest in digests if _per_mille(digest) < VALIDATION_PER_MILLE}
+    if not held_out or held_out == digests:
+        smallest = min(digests, key=_per_mille_order)
+        held_out = {smallest} if not held_out else held_out - {smallest}
+    return frozenset(held_out)
+
+
+def _per_mille(digest: bytes) -> int:
+    return int.from_bytes(digest[:8], "big") % 1000
+
+
+def _per_mille_order(digest: bytes) -> tuple[int, bytes]:
+    return _per_mille(digest), digest
+
+
+def _split_one_text(text: str, path: Path) -> tuple[str, str]:
+    """(training head, held-out tail) of the one text of a corpus: its last 10% of characters, from a line start."""
+    if len(text) < 2:
+        raise DataError(f"{path}: the corpus is one text of {len(text)} character(s), too little to hold out "
+                        "validation text from; give data.valid_path")
+    cut = len(text) - max(1, int(len(text) * SINGLE_TEXT_HELD_OUT_FRACTION))
+    line_start = text.rfind("\n", 0, cut) + 1
+    if line_start > len(text) // 2:  # hold out whole lines, unless that would take half the text
+        cut = line_start
+    return text[:cut], text[cut:]
 
 
 def read_documents(path: Path) -> list[str]:
@@ -119,11 +187,7 @@ def _read_utf8(path: Path) -> str:
         data = path.read_bytes()
     except OSError as error:
         raise DataError(f"{path}: cannot read source ({error.strerror or error})") from error
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not valid UTF-8 at byte offset {error.start}") from None
-    return text.removeprefix("\ufeff")  # a byte-order mark is not content
+    return utf8_text(data, path)
 
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
@@ -209,18 +273,36 @@ class _Location:
 
 @contextlib.contextmanager
 def _build_lock(location: _Location) -> Iterator[None]:
-    """Serialise builders of one local store across processes; URLs rely on manifest-last instead."""
+    """Serialise builders of one local store across processes; URLs rely on manifest-last instead.
+
+    The lock file lives only while a builder holds it, and folders made for it are removed again if the build
+    fails, so a rejected source leaves nothing behind. A waiter that wakes on a lock file already unlinked by the
+    previous holder tries again on the new one.
+    """
     if not location.is_local:
         yield
         return
-    location.path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = location.path.parent / f".{location.path.name}.lock"
-    with open(lock_path, "a") as lock_file:
+    parent = location.path.parent
+    made = [folder for folder in (parent, *parent.parents) if not folder.exists()]
+    lock_path = parent / f".{location.path.name}.lock"
+    while True:
+        parent.mkdir(parents=True, exist_ok=True)
+        lock_file = open(lock_path, "a")
         fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock_path).st_ino == os.fstat(lock_file.fileno()).st_ino:
+                break
+        lock_file.close()
+    built = False
+    try:
+        yield
+        built = True
+    finally:
+        lock_path.unlink(missing_ok=True)  # while still held, so no waiter can take the old file
+        lock_file.close()
+        for folder in [] if built else made:  # innermost first; a folder someone else filled meanwhile stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,24 +348,24 @@ class _ArrayAppender:
         self._pending, self._pending_items = [], 0
 
 
-def _encoded_batches(paths: Sequence[Path], tokenizer: Tokenizer) -> Iterator[tuple[list[int], list[list[int]]]]:
+def _encoded_batches(paths: Sequence[Path], tokenizer: Tokenizer,
+                     part: SplitPart | None) -> Iterator[tuple[list[int], list[list[int]]]]:
     """(source index of each document, token ids of each document), in batches the tokenizer runs on its threads."""
     batch_sources: list[int] = []
     batch_texts: list[str] = []
     batch_chars = 0
-    for source_index, path in enumerate(paths):
-        for text in read_documents(path):
-            batch_sources.append(source_index)
-            batch_texts.append(text)
-            batch_chars += len(text)
-            if batch_chars >= _ENCODE_BATCH_CHARS:
-                yield batch_sources, tokenizer.encode_batch(batch_texts)
-                batch_sources, batch_texts, batch_chars = [], [], 0
+    for source_index, text in corpus_documents(paths, part):
+        batch_sources.append(source_index)
+        batch_texts.append(text)
+        batch_chars += len(text)
+        if batch_chars >= _ENCODE_BATCH_CHARS:
+            yield batch_sources, tokenizer.encode_batch(batch_texts)
+            batch_sources, batch_texts, batch_chars = [], [], 0
     if batch_texts:
         yield batch_sources, tokenizer.encode_batch(batch_texts)
 
 
-def _write_arrays(location: _Location, paths: Sequence[Path], tokenizer: Tokenizer) -> dict:
+def _write_arrays(location: _Location, paths: Sequence[Path], tokenizer: Tokenizer, part: SplitPart | None) -> dict:
     """Tokenize every source into tokens/offsets arrays at `location`; returns the counts for the manifest.
 
     Documents that tokenize to nothing (empty texts) are left out: framed, they would be a bare BOS EOS.
@@ -293,7 +375,7 @@ def _write_arrays(location: _Location, paths: Sequence[Path], tokenizer: Tokeniz
     offsets.append(np.zeros(1, np.int64))
     documents_per_source = np.zeros(len(paths), np.int64)
     num_tokens = 0
-    for sources, encoded in _encoded_batches(paths, tokenizer):
+    for sources, encoded in _encoded_batches(paths, tokenizer, part):
         kept = [index for index, ids in enumerate(encoded) if ids]
         if not kept:
             continue
@@ -314,7 +396,7 @@ def _write_arrays(location: _Location, paths: Sequence[Path], tokenizer: Tokeniz
     }
 
 
-def _inputs_manifest(paths: Sequence[Path], tokenizer: Tokenizer) -> dict:
+def _inputs_manifest(paths: Sequence[Path], tokenizer: Tokenizer, part: SplitPart | None) -> dict:
     """The part of the manifest that decides whether a store is still valid."""
     return {
         "format": STORE_FORMAT,
@@ -326,6 +408,7 @@ def _inputs_manifest(paths: Sequence[Path], tokenizer: Tokenizer) -> dict:
         },
         "token_dtype": _token_dtype(tokenizer.vocab_size).name,
         "sources": _describe_sources(paths),
+        "held_out_split": None if part is None else {"part": part, "rule": HELD_OUT_RULE},
     }
 
 
@@ -339,10 +422,14 @@ def build_store(
     out_dir: PathLike,
     *,
     force: bool = False,
+    part: SplitPart | None = None,
 ) -> TokenStore:
-    """Tokenize `sources` into a token store at `out_dir` (local path or URL), unless an up-to-date one is there."""
+    """Tokenize `sources` into a token store at `out_dir` (local path or URL), unless an up-to-date one is there.
+
+    part: 'train' or 'valid' to store one side of the corpus's held-out split (`corpus_documents`), None for all.
+    """
     paths = resolve_sources(sources)
-    expected = _inputs_manifest(paths, tokenizer)
+    expected = _inputs_manifest(paths, tokenizer, part)
     location = _Location(str(out_dir))
     with _build_lock(location):
         existing = location.read_manifest()
@@ -350,13 +437,14 @@ def build_store(
             with contextlib.suppress(DataError):  # a damaged store is rebuilt below
                 return TokenStore.open(out_dir)
         if location.is_local:
-            _build_local(location, paths, tokenizer, expected)
+            _build_local(location, paths, tokenizer, expected, part)
         else:
-            _build_at_url(location, paths, tokenizer, expected)
+            _build_at_url(location, paths, tokenizer, expected, part)
     return TokenStore.open(out_dir)
 
 
-def _build_local(location: _Location, paths: Sequence[Path], tokenizer: Tokenizer, expected: dict) -> None:
+def _build_local(location: _Location, paths: Sequence[Path], tokenizer: Tokenizer, expected: dict,
+                 part: SplitPart | None) -> None:
     """Build in a hidden sibling directory, then swap it in: the store path only ever holds complete stores."""
     parent, name = location.path.parent, location.path.name
     for leftover in parent.glob(f".{name}.building-*"):  # from builders that crashed; we hold the lock
@@ -364,7 +452,7 @@ def _build_local(location: _Location, paths: Sequence[Path], tokenizer: Tokenize
     staging = _Location(str(parent / f".{name}.building-{uuid.uuid4().hex}"))
     try:
         staging.path.mkdir(parents=True)
-        counts = _write_arrays(staging, paths, tokenizer)
+        counts = _write_arrays(staging, paths, tokenizer, part)
         staging.write_manifest({**expected, **counts})
         retired = parent / f".{name}.old-{uuid.uuid4().hex}"
         if location.path.exists():
@@ -375,10 +463,11 @@ def _build_local(location: _Location, paths: Sequence[Path], tokenizer: Tokenize
         shutil.rmtree(staging.path, ignore_errors=True)
 
 
-def _build_at_url(location: _Location, paths: Sequence[Path], tokenizer: Tokenizer, expected: dict) -> None:
+def _build_at_url(location: _Location, paths: Sequence[Path], tokenizer: Tokenizer, expected: dict,
+                  part: SplitPart | None) -> None:
     """Object stores have no rename: un-commit (delete the manifest), write arrays, commit (write the manifest)."""
     location.delete_manifest()
-    counts = _write_arrays(location, paths, tokenizer)
+    counts = _write_arrays(location, paths, tokenizer, part)
     location.write_manifest({**expected, **counts})
 
 

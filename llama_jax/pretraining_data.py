@@ -10,12 +10,12 @@ import jax
 
 from llama_jax.config import RunConfig
 from llama_jax.data import (
+    SplitPart,
     TokenStore,
     batch_for_step,
     build_store,
-    is_validation_file,
+    corpus_documents,
     load_default_corpus,
-    read_documents,
     resolve_sources,
 )
 from llama_jax.distributed import process_zero_first
@@ -47,35 +47,33 @@ def _prepare_pretraining_data(config: RunConfig, run_dir: Path) -> PretrainingDa
     else:
         sources = resolve_sources(config.data.path)
         if config.data.valid_path is not None:
-            train_files, valid_files = sources, resolve_sources(config.data.valid_path)
-        else:
-            valid_files = [p for p in sources if is_validation_file(str(p))]
-            train_files = [p for p in sources if p not in valid_files]
-            if not valid_files or not train_files:
-                raise ConfigError(f"data.valid_path is needed: data.path={config.data.path!r} has too few files "
-                                  f"({len(sources)}) to hold some out for validation")
-        tokenizer = _tokenizer_for(config, train_files, run_dir, vocab_size)
+            train_part, valid_part = (sources, None), (resolve_sources(config.data.valid_path), None)
+        else:  # hold out documents of data.path (`data.corpus_documents` says which)
+            train_part, valid_part = (sources, "train"), (sources, "valid")
+        tokenizer = _tokenizer_for(config, *train_part, run_dir, vocab_size)
         store_dir = run_dir / "token_store"
-        train = build_store(train_files, tokenizer, store_dir / "train")
-        valid = build_store(valid_files, tokenizer, store_dir / "valid")
+        train = build_store(train_part[0], tokenizer, store_dir / "train", part=train_part[1])
+        valid = build_store(valid_part[0], tokenizer, store_dir / "valid", part=valid_part[1])
     if tokenizer.vocab_size > vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size}); token ids would fall outside the embedding table")
     return PretrainingData(tokenizer, train, valid)
 
 
-def _tokenizer_for(config: RunConfig, train_files: list[Path], run_dir: Path, vocab_size: int) -> Tokenizer:
+def _tokenizer_for(config: RunConfig, files: list[Path], part: SplitPart | None, run_dir: Path,
+                   vocab_size: int) -> Tokenizer:
     if config.data.tokenizer is not None:
         return load_tokenizer(config.data.tokenizer)
     path = run_dir / "tokenizer.model"
     if path.exists():
         return load_tokenizer(path)
-    if not any(text.strip() for file in train_files for text in read_documents(file)):
+    texts = [text for _, text in corpus_documents(files, part)]  # the documents' text, not the files' JSON
+    if not any(text.strip() for text in texts):
         raise DataError(f"no documents to train on: data.path={config.data.path!r} "
-                        f"({', '.join(map(str, train_files))}) holds no text")
-    print(f"training a SentencePiece tokenizer ({vocab_size} pieces) on {len(train_files)} files → {path}",
+                        f"({', '.join(map(str, files))}) holds no text")
+    print(f"training a SentencePiece tokenizer ({vocab_size} pieces) on {len(texts)} documents → {path}",
           file=sys.stderr)
-    return train_sentencepiece(train_files, path, vocab_size)
+    return train_sentencepiece(texts, path, vocab_size)
 
 
 def global_batch(trainer: Trainer, store: TokenStore, index: int, batch_size: int, seq_len: int, seed: int,

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from llama_jax.config import ModelConfig, RunConfig, load_config, to_yaml
+from llama_jax.config import ModelConfig, RunConfig, load_config, read_yaml_mapping, to_yaml
 from llama_jax.errors import ConfigError, LlamaJaxError
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root: training runs `python -m train.pretrain` here
@@ -135,11 +135,7 @@ class SweepSpec:
 
 def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep spec {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"sweep spec {path} must be a mapping")
+    raw = read_yaml_mapping(path, "sweep spec")
     known = {"name", "base", "config", "budgets", "sizes", "shape", "schedule", "final_eval", "target_flops",
              "estimate"}
     unknown = sorted(set(raw) - known)
@@ -483,7 +479,7 @@ def evaluate_run(run_dir: Path, batch_size: int | None = None, batches: int | No
     from llama_jax.convert import load
     from llama_jax.convert.native import latest_run_checkpoint
     from llama_jax.pretraining_data import prepare_pretraining_data
-    from llama_jax.scoring import Scorer, count_text_bytes, evaluate_perplexity
+    from llama_jax.scoring import Scorer, evaluate_perplexity
     from llama_jax.sharding import make_mesh
 
     # Orbax warns through absl about a metadata file the run-directory layout does not write; the read is fine.
@@ -501,7 +497,7 @@ def evaluate_run(run_dir: Path, batch_size: int | None = None, batches: int | No
     scorer = Scorer.place(load(run_dir, mesh=mesh), mesh)
     result = evaluate_perplexity(scorer, data.valid, seq_len=config.train.seq_len, batch_size=batch_size,
                                  seed=config.seed, document_masking=config.train.document_masking,
-                                 num_batches=batches, text_bytes=count_text_bytes(validation_sources(config)),
+                                 num_batches=batches, text_bytes=validation_text_bytes(config),
                                  progress=False)
     record = {"step": step, "eval_loss_metrics": final_metrics_eval_loss(run_dir), **result.to_dict()}
     _write_json(run_dir / FINAL_EVAL_FILE, record)
@@ -516,16 +512,16 @@ def _eval_settings(run_dir: Path) -> dict:
     return {}
 
 
-def validation_sources(config: RunConfig) -> list[Path]:
-    """The files the training program validates on (as llama_jax.pretraining_data.prepare_pretraining_data splits
-    them)."""
-    from llama_jax.data import default_corpus, is_validation_file, resolve_sources
+def validation_text_bytes(config: RunConfig) -> int:
+    """UTF-8 bytes of the text the training program validates on (as prepare_pretraining_data splits it)."""
+    from llama_jax.data import default_corpus
+    from llama_jax.scoring import count_text_bytes
 
     if config.data.path is None:
-        return default_corpus("valid")
+        return count_text_bytes(default_corpus("valid"))
     if config.data.valid_path is not None:
-        return resolve_sources(config.data.valid_path)
-    return [path for path in resolve_sources(config.data.path) if is_validation_file(str(path))]
+        return count_text_bytes(config.data.valid_path)
+    return count_text_bytes(config.data.path, part="valid")
 
 
 def final_metrics_eval_loss(run_dir: Path) -> float | None:

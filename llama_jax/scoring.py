@@ -45,12 +45,13 @@ from tqdm import tqdm
 from llama_jax.cli import parse_mesh
 from llama_jax.config import ModelConfig
 from llama_jax.data import (
+    SplitPart,
     TokenStore,
     batch_for_step,
     build_store,
+    corpus_documents,
     default_cache_dir,
     process_rows,
-    read_documents,
     resolve_sources,
 )
 from llama_jax.errors import DataError, TokenizerError
@@ -176,9 +177,10 @@ class PerplexityResult:
                 f"{self.batch_size}×{self.seq_len}")
 
 
-def count_text_bytes(sources: PathLike | Sequence[PathLike]) -> int:
-    """UTF-8 bytes of every document's text in the sources (the text the tokens encode)."""
-    return sum(len(text.encode("utf-8")) for path in resolve_sources(sources) for text in read_documents(path))
+def count_text_bytes(sources: PathLike | Sequence[PathLike], part: SplitPart | None = None) -> int:
+    """UTF-8 bytes of every document's text in the sources (the text the tokens encode), or in one `part` of their
+    held-out split."""
+    return sum(len(text.encode("utf-8")) for _, text in corpus_documents(resolve_sources(sources), part))
 
 
 def open_text_store(sources: PathLike | Sequence[PathLike], tokenizer: Tokenizer,

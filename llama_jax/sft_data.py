@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import bisect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from llama_jax.chat_format import EncodedDialog
+from llama_jax.chat_format import EncodedDialog, Message, read_conversations
+from llama_jax.data import PathLike, resolve_sources
 from llama_jax.errors import DataError
+
+
+def read_chat_sources(sources: PathLike | Sequence[PathLike]) -> Iterator[list[Message]]:
+    """The conversations of a chat JSONL file, or of every *.jsonl file under a folder or matching a glob (sorted),
+    in order; errors name the file and line."""
+    for path in resolve_sources(sources, suffixes=(".jsonl",)):
+        yield from read_conversations(path)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Packing encoded conversations into fixed-length rows for supervised fine-tuning

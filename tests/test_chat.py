@@ -337,7 +337,8 @@ GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": 
 @pytest.mark.parametrize(
     "bad_line, message_part",
     [
-        ('{"messages": [{"role": "user", "content": "q"}', "not valid JSON"),
+        # the line is 46 characters long: the missing "]}" is expected at column 47
+        ('{"messages": [{"role": "user", "content": "q"}', ":47: not valid JSON (Expecting ',' delimiter)"),
         ('{"messages": []}', "empty conversation"),
         ('{"messages": [{"role": "robot", "content": "q"}]}', "unknown role 'robot'"),
         ('{"messages": [{"role": "assistant", "content": "a"}]}', "message 1 has role 'assistant'"),
@@ -361,14 +362,16 @@ def test_each_bad_line_gives_one_error_naming_file_and_line(tmp_path, bad_line, 
     assert next(conversations) == [Message("user", "q"), Message("assistant", "a")]
     with pytest.raises(ChatFormatError) as raised:
         next(conversations)
-    assert str(raised.value).startswith(f"{path}:3: ")
+    assert str(raised.value).startswith(f"{path}:3:")
     assert message_part in str(raised.value)
 
 
 def test_bad_utf8_and_missing_file(tmp_path):
     path = tmp_path / "chats.jsonl"
     path.write_bytes(GOOD_LINE.encode() + b"\r\n" + GOOD_LINE.replace("q", "\xe9").encode("latin-1") + b"\n")
-    with pytest.raises(ChatFormatError, match=re.escape(f"{path}:2: not valid UTF-8 (invalid continuation byte")):
+    column = GOOD_LINE.index('"q"') + 2  # the latin-1 é, counted from 1
+    expected = f"{path}:2:{column}: not valid UTF-8 (invalid continuation byte)"
+    with pytest.raises(ChatFormatError, match=re.escape(expected) + "$"):
         list(read_conversations(path))
     with pytest.raises(DataError, match="cannot read conversations"):
         list(read_conversations(tmp_path / "missing.jsonl"))

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -352,7 +353,7 @@ def test_empty_corpus(tmp_path):
 def test_non_utf8_file_names_file_and_offset(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes(b"caf\xe9 au lait")
-    with pytest.raises(DataError, match=r"latin1.txt: not valid UTF-8 at byte offset 3"):
+    with pytest.raises(DataError, match=re.escape(f"{bad}:1:4: not valid UTF-8 (invalid continuation byte)") + "$"):
         build_store(bad, ByteTokenizer(), tmp_path / "store")
 
 
@@ -366,7 +367,8 @@ def test_jsonl_line_without_text_names_file_and_line(tmp_path):
 def test_invalid_json_line(tmp_path):
     bad = tmp_path / "broken.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": unquoted}\n')
-    with pytest.raises(DataError, match=r"broken.jsonl:2: not valid JSON"):
+    # column 10 is the `u` of `unquoted`, counted from 1
+    with pytest.raises(DataError, match=re.escape(f"{bad}:2:10: not valid JSON (Expecting value)") + "$"):
         build_store(bad, ByteTokenizer(), tmp_path / "store")
 
 

@@ -265,7 +265,7 @@ def test_multiple_choice_file_errors_name_the_line(tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl:1: 'answer'"):
         read_multiple_choice(path)
     path.write_text('not json\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:1: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl:1:1: not valid JSON \(Expecting value\)$"):
         read_multiple_choice(path)
 
 

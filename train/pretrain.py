@@ -18,11 +18,12 @@ from pathlib import Path
 import jax
 
 from llama_jax import distributed
-from llama_jax.cli import run_program
+from llama_jax.cli import removed_on_error, run_program
 from llama_jax.config import RunConfig, load_config, to_yaml
 from llama_jax.data import unigram_entropy
+from llama_jax.metrics import StartClock
 from llama_jax.pretraining_data import global_batch, prepare_pretraining_data
-from llama_jax.run_loop import keep_tokenizer, peak_flops, train, write_run_config
+from llama_jax.run_loop import enable_compilation_cache, keep_tokenizer, peak_flops, train, write_run_config
 from llama_jax.sharding import mesh_from_config, rules_from_config
 from llama_jax.trainer import Trainer
 
@@ -36,21 +37,26 @@ Config keys (YAML file, then key=value overrides; `model` may be a preset name s
 
 
 def main(argv: Sequence[str]) -> int:
+    clock = StartClock()  # the time from the process's start to its first step, by phase
     fresh = "--fresh" in argv
     argv = [arg for arg in argv if arg != "--fresh"]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE + to_yaml(RunConfig()), end="")
         return 0 if argv else 2
     config = load_config(argv[0], [*argv[1:], *(["checkpoint.fresh=true"] if fresh else [])])
+    clock.mark("startup")
     distributed.initialize(config.distributed)
+    enable_compilation_cache(config)
+    clock.mark("distributed")
     run_dir = Path(config.run_dir)
-    write_run_config(config, run_dir)
-
-    data = prepare_pretraining_data(config, run_dir)
-    keep_tokenizer(data.tokenizer, run_dir)
     mesh = mesh_from_config(config.mesh)
-    trainer = Trainer.create(config.model, config.optimizer, config.train.steps, mesh,
-                             rules_from_config(config.sharding_rules), config.train.grad_accum)
+    with removed_on_error(run_dir):  # the run directory appears only once its inputs are known good
+        data = prepare_pretraining_data(config, run_dir)
+        clock.mark("data")
+        trainer = Trainer.create(config.model, config.optimizer, config.train.steps, mesh,
+                                 rules_from_config(config.sharding_rules), config.train.grad_accum)
+        write_run_config(config, run_dir)
+        keep_tokenizer(data.tokenizer, run_dir)
     batch_size, seq_len, seed = config.train.batch_size, config.train.seq_len, config.seed
     masking = config.train.document_masking
 
@@ -65,7 +71,7 @@ def main(argv: Sequence[str]) -> int:
               f"{batch_size}×{seq_len} tokens per step · {data.train.num_tokens:,} training tokens",
               file=sys.stderr)
     train(trainer, config, run_dir, train_batch, eval_batch, peak_flops(config, mesh.size),
-          init_state=lambda: trainer.init_state(seed))
+          init_state=lambda: trainer.init_state(seed), start_clock=clock)
 
     if jax.process_index() == 0:
         summary = summarize(run_dir, unigram_entropy(data.valid))

@@ -1,12 +1,12 @@
 """Chat fine-tuning as Llama 2-Chat was made: `python -m train.sft CONFIG.yaml init_from=PATH data.path=chats.jsonl`.
 
-Conversations (JSONL, one `{"messages": [{"role": ..., "content": ...}, ...]}` per line) are rendered in the Llama 2
-or Llama 3 chat format (`sft.format`); the loss falls only on assistant answers (and their EOS / <|eot_id|>), never
-on system or user tokens. Several conversations are packed per sequence, and attention never crosses from one to
-another (segment ids). The run machinery — sharding, metrics, evaluation, checkpoints, resume — is pretraining's
-(`llama_jax.run_loop`); the
-run directory keeps the tokenizer, and `llama_jax.load(run_dir)` (so `--model run_dir` in eval.generate and eval.chat)
-reads the final checkpoint.
+Conversations (JSONL, one `{"messages": [{"role": ..., "content": ...}, ...]}` per line; `data.path` is a file, a
+folder of *.jsonl files or a glob) are rendered in the Llama 2 or Llama 3 chat format (`sft.format`); the loss falls
+only on assistant answers (and their EOS / <|eot_id|>), never on system or user tokens. Several conversations are
+packed per sequence, and attention never crosses from one to another (segment ids). The run machinery — sharding,
+metrics, evaluation, checkpoints, resume — is pretraining's (`llama_jax.run_loop`); the run directory keeps the
+tokenizer, and `llama_jax.load(run_dir)` (so `--model run_dir` in eval.generate and eval.chat) reads the final
+checkpoint.
 """
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ import jax
 
 import llama_jax
 from llama_jax import distributed
-from llama_jax.chat_format import EncodedDialog, encode_dialog, read_conversations
+from llama_jax.chat_format import EncodedDialog, encode_dialog
 from llama_jax.cli import run_program
 from llama_jax.config import RunConfig, load_config, to_yaml
 from llama_jax.errors import ConfigError
+from llama_jax.metrics import StartClock
 from llama_jax.params import model_params
-from llama_jax.run_loop import keep_tokenizer, peak_flops, train, write_run_config
-from llama_jax.sft_data import PackedSFTBatches
+from llama_jax.run_loop import enable_compilation_cache, keep_tokenizer, peak_flops, train, write_run_config
+from llama_jax.sft_data import PackedSFTBatches, read_chat_sources
 from llama_jax.sharding import mesh_from_config, rules_from_config
 from llama_jax.tokenizer import Tokenizer, load_tokenizer
 from llama_jax.trainer import Trainer
@@ -39,11 +40,15 @@ COMPUTE_FIELDS = ("dtype", "remat_policy", "attention_impl", "attention_chunk", 
 
 
 def main(argv: Sequence[str]) -> int:
+    clock = StartClock()  # the time from the process's start to its first step, by phase
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE + to_yaml(RunConfig()), end="")
         return 0 if argv else 2
     config = load_config(argv[0], argv[1:])
+    clock.mark("startup")
     distributed.initialize(config.distributed)
+    enable_compilation_cache(config)
+    clock.mark("distributed")
     if config.init_from is None:
         raise ConfigError("init_from is required: the checkpoint to fine-tune (a run dir, llama-jax, HF or Meta)")
     if config.data.path is None:
@@ -59,14 +64,12 @@ def main(argv: Sequence[str]) -> int:
     train_dialogs = _encode(config.data.path, tokenizer, config)
     batches = PackedSFTBatches(train_dialogs, config.train.seq_len, config.train.batch_size, tokenizer.pad_id,
                                config.seed)
+    clock.mark("data")  # the pretrained weights, the tokenizer and the conversations
     steps = config.train.steps
     if config.sft.epochs is not None:
         steps = max(1, math.ceil(config.sft.epochs * len(batches.epoch_rows(0)) / config.train.batch_size))
     config = dataclasses.replace(config, model=model_config, train=dataclasses.replace(config.train, steps=steps))
     run_dir = Path(config.run_dir)
-    write_run_config(config, run_dir)
-    keep_tokenizer(tokenizer, run_dir)
-
     mesh = mesh_from_config(config.mesh)
     trainer = Trainer.create(model_config, config.optimizer, steps, mesh, rules_from_config(config.sharding_rules),
                              config.train.grad_accum)
@@ -76,6 +79,8 @@ def main(argv: Sequence[str]) -> int:
         valid = PackedSFTBatches(_encode(config.data.valid_path, tokenizer, config), config.train.seq_len,
                                  config.train.batch_size, tokenizer.pad_id, config.seed)
         eval_batches = lambda index: sft_batch(trainer, valid, index, config)  # noqa: E731
+    write_run_config(config, run_dir)  # only now that every input has been read
+    keep_tokenizer(tokenizer, run_dir)
     if jax.process_index() == 0:
         print(f"fine-tuning {model_config.num_params():,} parameters from {config.init_from} on "
               f"{len(train_dialogs)} conversations ({len(batches.epoch_rows(0))} packed rows per epoch) for "
@@ -83,7 +88,7 @@ def main(argv: Sequence[str]) -> int:
     # The loop's last checkpoint holds the final parameters: `llama_jax.load(run_dir)` reads them.
     train(trainer, config, run_dir, lambda index: sft_batch(trainer, batches, index, config), eval_batches,
           peak_flops(config, mesh.size),
-          init_state=lambda: _state_from_pretrained(trainer, pretrained_params, config.seed))
+          init_state=lambda: _state_from_pretrained(trainer, pretrained_params, config.seed), start_clock=clock)
     if jax.process_index() == 0:
         print(f"fine-tuned model in {run_dir} (e.g. python -m eval.chat --model {run_dir})")
     return 0
@@ -98,9 +103,9 @@ def _tokenizer(config: RunConfig) -> Tokenizer:
     return load_tokenizer(candidate)
 
 
-def _encode(path: str, tokenizer: Tokenizer, config: RunConfig) -> list[EncodedDialog]:
+def _encode(sources: str, tokenizer: Tokenizer, config: RunConfig) -> list[EncodedDialog]:
     return [encode_dialog(messages, tokenizer, config.sft.format, for_generation=False)
-            for messages in read_conversations(path)]
+            for messages in read_chat_sources(sources)]
 
 
 def sft_batch(trainer: Trainer, batches: PackedSFTBatches, index: int, config: RunConfig) -> dict[str, jax.Array]:

@@ -1,6 +1,7 @@
 """Checkpoint conversion between llama-jax (Orbax), Hugging Face (safetensors) and Meta (consolidated.NN.pth).
 
-    load(path)                         any of the three (or a run directory) → Llama with float32 parameters
+    load(path)                         any of the three (or a run directory) → Llama with float32 parameters,
+                                       computing in the checkpoint's dtype
     save(model, path, format=...)      Llama → any of the three
     convert(src, dst, to=...)          checkpoint → checkpoint, tensor by tensor
     read_params(path)                  (ModelConfig, {name: array in its stored dtype}) in our layout
@@ -38,6 +39,9 @@ def detect_format(path: str | Path) -> str:
     from llama_jax.convert import hf, meta
 
     path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path} does not exist: give the folder of a checkpoint (a Hugging Face model, a Meta "
+                              f"download, a llama-jax checkpoint or a training run directory)")
     if not path.is_dir():
         raise ConversionError(f"{path} is not a directory: a checkpoint is a folder (a Hugging Face model, a Meta "
                               f"download or a llama-jax checkpoint)")
@@ -47,6 +51,11 @@ def detect_format(path: str | Path) -> str:
         return "hf"
     if meta.is_meta(path):
         return "meta"
+    # Weights without the config beside them: name the missing file rather than fail to recognise the folder.
+    for config_file, weights in ((hf.CONFIG_FILE, "*.safetensors"), (meta.PARAMS_FILE, "consolidated.*.pth")):
+        if any(path.glob(weights)):
+            raise ConversionError(f"{path / config_file} is missing or not a file: the {weights} files beside it "
+                                  f"cannot be read without it; copy it from where the weights came from")
     raise ConversionError(
         f"cannot tell the format of {path}: looked for a Hugging Face model (config.json + *.safetensors), a Meta "
         f"download (params.json + consolidated.NN.pth), a llama-jax checkpoint ({native.MODEL_FILE} + "
@@ -73,8 +82,9 @@ def load(path: str | Path, *, dtype: str | None = None,
          mesh: jax.sharding.Mesh | None = None) -> Llama:
     """The model stored at `path` (any format), with float32 parameters.
 
-    dtype: the compute dtype to set in the model's config (parameters stay float32); default: the checkpoint's
-        config (llama-jax) or ModelConfig's default (Hugging Face, Meta).
+    dtype: the compute dtype to set in the model's config (parameters stay float32); default: the checkpoint's own,
+        as transformers' `dtype="auto"` picks it: model.json's (llama-jax), config.json's `dtype`/`torch_dtype`
+        (Hugging Face; the weights' dtype if it names none), the weights' dtype (Meta, which ships bfloat16).
     shardings: {parameter name: Sharding} to restore onto, or `mesh` to shard by the default logical rules; a
         llama-jax checkpoint is then read shard by shard, so a model larger than one device's memory restores.
     """

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 
 from llama_jax.cli import run_program
+from llama_jax.convert.common import refuse_existing
 from llama_jax.errors import ConversionError
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", re.IGNORECASE)
@@ -52,6 +53,7 @@ def main(argv: Sequence[str]) -> int:
     from llama_jax import convert
 
     started = time.perf_counter()
+    refuse_existing(args.dst, args.overwrite, how_to_overwrite="--overwrite")
     source_format = convert.detect_format(args.src)
     convert.convert(args.src, args.dst, args.to, dtype=args.dtype, shards=args.shards,
                     max_shard_size=parse_size(args.max_shard_size),

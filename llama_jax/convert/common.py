@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import json
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
@@ -13,9 +12,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from llama_jax.config import ModelConfig
+from llama_jax.config import COMPUTE_DTYPES, ModelConfig
 from llama_jax.convert.weight_map import TensorMapping
 from llama_jax.errors import ConversionError
+from llama_jax.jsonl import read_json
 from llama_jax.params import param_shapes
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -24,10 +24,7 @@ DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BFLOAT16}
 
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file holding an object (config.json, params.json, model.json, an index), or a ConversionError."""
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ConversionError(f"{path} is not a readable JSON file: {error}") from None
+    raw = read_json(path, "a checkpoint's JSON file", ConversionError)
     if not isinstance(raw, dict):
         raise ConversionError(f"{path} must hold a JSON object")
     return raw
@@ -45,6 +42,17 @@ def parse_dtype(dtype: str | np.dtype | None) -> np.dtype | None:
     if resolved not in DTYPES.values():
         raise ConversionError(f"dtype {resolved} is not supported: expected one of {sorted(DTYPES)}")
     return resolved
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """'float32', 'bfloat16', 'float16': how configs (ours, transformers') spell a dtype."""
+    return np.dtype(dtype).name
+
+
+def compute_dtype(declared: Any, stored: np.dtype) -> str:
+    """The compute dtype of a loaded external checkpoint, as transformers' `dtype="auto"` picks it: the dtype its
+    config declares, else the dtype its weights are stored in."""
+    return declared if declared in COMPUTE_DTYPES else dtype_name(stored)
 
 
 def cast(array: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
@@ -174,8 +182,11 @@ def stacked_names(config: ModelConfig) -> set[str]:
 
 
 def check_names(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], what: str,
-                config: ModelConfig | None = None) -> None:
-    """Missing or unexpected tensors → one ConversionError naming them (and the shapes of the unexpected ones)."""
+                config: ModelConfig | None = None, described: str | None = None) -> None:
+    """Missing or unexpected tensors → one ConversionError naming them (and the shapes of the unexpected ones).
+
+    described: the config as its file spells it (`config_file (key=value, ...)`); default: our config's fields.
+    """
     missing = [name for name in expected if name not in found]
     extra = [name for name in found if name not in expected]
     if not missing and not extra:
@@ -185,8 +196,9 @@ def check_names(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tup
         parts.append(f"missing {_some(missing)} (expected shape {expected[missing[0]]} for {missing[0]})")
     if extra:
         parts.append("unexpected " + _some([f"{name} {found[name]}" for name in extra]))
-    described = f" for {describe(config)}" if config is not None else ""
-    raise ConversionError(f"{what} do not match the config{described}: " + "; ".join(parts))
+    if described is None:
+        described = f"the config for {describe(config)}" if config is not None else "the config"
+    raise ConversionError(f"{what} do not match {described}: " + "; ".join(parts))
 
 
 def describe(config: ModelConfig) -> str:
@@ -200,12 +212,21 @@ def _some(items: list[str], limit: int = 6) -> str:
 
 
 def check_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
-                 config: ModelConfig) -> None:
-    """Every tensor's shape against the config, before anything is converted or written."""
+                 config: ModelConfig, described: str | None = None) -> None:
+    """Every tensor's shape against the config, before anything is converted or written.
+
+    described: the config as its file spells it (`config_file (key=value, ...)`), so that the message names the file
+    that disagrees with the weights; default: our config's fields.
+    """
     for name, shape in expected.items():
         if tuple(found[name]) != tuple(shape):
-            raise ConversionError(f"tensor {name} has shape {tuple(found[name])}, but the config "
-                                  f"({describe(config)}) needs {tuple(shape)}")
+            raise shape_mismatch(name, found[name], shape, described or f"the config ({describe(config)})")
+
+
+def shape_mismatch(name: str, found: tuple[int, ...], needed: tuple[int, ...], described: str) -> ConversionError:
+    """A tensor whose shape is not the one its config implies."""
+    return ConversionError(f"tensor {name} has shape {tuple(found)}, but {described} needs {tuple(needed)}: the "
+                           f"config and the weights disagree (fix the config, or use the weights it came with)")
 
 
 @contextlib.contextmanager
@@ -216,8 +237,7 @@ def staged_output(destination: str | Path, overwrite: bool = False) -> Iterator[
     leaves nothing at the destination. The final rename is atomic on one filesystem.
     """
     destination = Path(destination).absolute()
-    if destination.exists() and not overwrite:
-        raise ConversionError(f"{destination} already exists: choose another destination or pass overwrite")
+    refuse_existing(destination, overwrite)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = destination.parent / f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
@@ -233,6 +253,14 @@ def staged_output(destination: str | Path, overwrite: bool = False) -> Iterator[
     except BaseException:
         _remove(staging)
         raise
+
+
+def refuse_existing(destination: str | Path, overwrite: bool, how_to_overwrite: str = "overwrite=True") -> None:
+    """A ConversionError if `destination` exists and may not be replaced; `how_to_overwrite` is the option as the
+    caller spells it (a program's flag, or the Python keyword)."""
+    destination = Path(destination).absolute()
+    if destination.exists() and not overwrite:
+        raise ConversionError(f"{destination} already exists: choose another destination or pass {how_to_overwrite}")
 
 
 def _remove(path: Path) -> None:

@@ -10,6 +10,7 @@ count the whole checkpoint against a conversion's memory; plain reads keep only 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,10 +27,13 @@ from llama_jax.convert.common import (
     cast,
     check_names,
     check_shapes,
+    compute_dtype,
+    dtype_name,
     read_json_object,
+    shape_mismatch,
 )
 from llama_jax.convert.native import config_from_mapping
-from llama_jax.convert.weight_map import TensorMapping, hf_mappings
+from llama_jax.convert.weight_map import HF_NAMES, TensorMapping, hf_mappings
 from llama_jax.errors import ConversionError
 
 CONFIG_FILE = "config.json"
@@ -48,7 +52,10 @@ def is_hf(path: Path) -> bool:
 
 # ── config.json ↔ ModelConfig ──────────────────────────────────────────────────────────────────────────────────
 def config_from_hf(raw: dict[str, Any], where: Path) -> ModelConfig:
-    """Our config from a transformers LlamaConfig dict (transformers 4 `rope_scaling` or 5 `rope_parameters`)."""
+    """Our config from a transformers LlamaConfig dict (transformers 4 `rope_scaling` or 5 `rope_parameters`).
+
+    A `head_dim` other than hidden_size / num_attention_heads is checked against the weights (`HFSource`).
+    """
     if raw.get("model_type", "llama") != "llama":
         raise ConversionError(f"{where}: model_type {raw.get('model_type')!r} is not a Llama model ('llama')")
     for key, unsupported in (("attention_bias", True), ("mlp_bias", True)):
@@ -62,10 +69,6 @@ def config_from_hf(raw: dict[str, Any], where: Path) -> ModelConfig:
                       n_heads=heads, ffn_hidden_dim=int(raw["intermediate_size"]))
     except KeyError as missing:
         raise ConversionError(f"{where} lacks {missing}, which a Llama config needs") from None
-    head_dim = raw.get("head_dim")
-    if head_dim is not None and heads and int(head_dim) != dim // heads:
-        raise ConversionError(f"{where}: head_dim={head_dim} differs from hidden_size/num_attention_heads="
-                              f"{dim // heads}, which llama-jax does not support")
     kv_heads = int(raw.get("num_key_value_heads") or heads)
     rope = raw.get("rope_parameters") or {}
     legacy_scaling = raw.get("rope_scaling") or {}
@@ -92,11 +95,23 @@ def _scaling_from_hf(spec: dict[str, Any], where: Path) -> dict[str, Any] | None
         raise ConversionError(f"{where}: llama3 rope scaling lacks {missing}") from None
 
 
+def declared_dtype(raw: dict[str, Any]) -> Any:
+    """The dtype config.json declares: `dtype` (transformers 5) or `torch_dtype` (transformers 4); None if neither."""
+    return raw.get("dtype") or raw.get("torch_dtype")
+
+
+def describe_hf(raw: dict[str, Any], where: Path) -> str:
+    """config.json's shape keys as the file spells them, for messages about weights that disagree with it."""
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "vocab_size")
+    return f"{where} ({', '.join(f'{key}={raw[key]}' for key in keys if raw.get(key) is not None)})"
+
+
 def hf_config(config: ModelConfig, dtype: np.dtype) -> dict[str, Any]:
     """The config.json transformers' LlamaConfig expects (readable by transformers 4 and 5)."""
     scaling = _scaling_to_hf(config.rope_scaling)
     llama3_vocab = config.vocab_size >= 128000
-    dtype_name = "bfloat16" if dtype == BFLOAT16 else np.dtype(dtype).name
+    stored_dtype = dtype_name(dtype)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -124,8 +139,8 @@ def hf_config(config: ModelConfig, dtype: np.dtype) -> dict[str, Any]:
         "use_cache": True,
         "bos_token_id": 128000 if llama3_vocab else 1,
         "eos_token_id": 128001 if llama3_vocab else 2,
-        "torch_dtype": dtype_name,
-        "dtype": dtype_name,
+        "torch_dtype": stored_dtype,
+        "dtype": stored_dtype,
     }
 
 
@@ -142,8 +157,9 @@ class HFSource(ExternalSource):
     """A Hugging Face folder, tensors read one at a time from the safetensors files."""
 
     def __init__(self, path: Path):
-        raw = read_json_object(path / CONFIG_FILE)
-        config = config_from_hf(raw, path / CONFIG_FILE)
+        where = path / CONFIG_FILE
+        raw = read_json_object(where)
+        config = config_from_hf(raw, where)
         self._files = [SafetensorsFile(file) for file in _weight_files(path)]
         self._where: dict[str, SafetensorsFile] = {}
         found: dict[str, tuple[int, ...]] = {}
@@ -155,11 +171,15 @@ class HFSource(ExternalSource):
         expected = {mapping.theirs: mapping.their_shape for mapping in mappings}
         if config.tie_embeddings and "lm_head.weight" in found:
             found.pop("lm_head.weight")  # a tied head saved anyway is the embedding again
-        check_names(expected, found, what=f"tensors in {path}", config=config)
-        check_shapes(expected, found, config)
+        described = describe_hf(raw, where)
+        check_names(expected, found, what=f"tensors in {path}", described=described)
+        _check_head_dim(raw, found, expected, config, where)
+        check_shapes(expected, found, config, described)
         super().__init__(config, mappings)
         self.check_dtypes()
         self.dtype = self.external_dtype(mappings[0].theirs)
+        # Compute as transformers' from_pretrained(dtype="auto") does, so logits match it in the checkpoint's dtype.
+        self.config = dataclasses.replace(config, dtype=compute_dtype(declared_dtype(raw), self.dtype))
 
     def read_external(self, name: str) -> np.ndarray:
         return self._where[name].read(name)
@@ -170,6 +190,23 @@ class HFSource(ExternalSource):
     def close(self) -> None:
         for file in self._files:
             file.close()
+
+
+def _check_head_dim(raw: dict[str, Any], found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                    config: ModelConfig, where: Path) -> None:
+    """llama-jax's head_dim is hidden_size / num_attention_heads. A config.json declaring another one either
+    describes a model llama-jax cannot run (the weights agree with it) or contradicts its weights (they do not)."""
+    declared = raw.get("head_dim")
+    if declared is None or int(declared) == config.head_dim:
+        return
+    query = HF_NAMES["blocks.attention.w_q"].format(layer=0)
+    declared_shape = (config.n_heads * int(declared), config.dim)
+    if found[query] == declared_shape:
+        raise ConversionError(f"{where}: head_dim={declared} differs from hidden_size/"
+                              f"num_attention_heads={config.head_dim}, which llama-jax does not support")
+    if found[query] == expected[query]:  # only head_dim disagrees: the weights have hidden_size / heads
+        raise shape_mismatch(query, found[query], declared_shape, describe_hf(raw, where))
+    # Otherwise hidden_size or the head counts disagree too: check_shapes names the first tensor they contradict.
 
 
 class _Entry(NamedTuple):

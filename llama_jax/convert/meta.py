@@ -38,6 +38,8 @@ from llama_jax.convert.common import (
     cast,
     check_names,
     check_shapes,
+    compute_dtype,
+    describe,
     read_json_object,
 )
 from llama_jax.convert.native import config_from_mapping
@@ -48,6 +50,10 @@ PARAMS_FILE = "params.json"
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
 EMBEDDING = META_NAMES["embedding"]
 OUTPUT = META_NAMES["output"]
+FIRST_QUERY = META_NAMES["blocks.attention.w_q"].format(layer=0)
+FINAL_NORM = META_NAMES["final_norm.scale"]
+# How torch's weights-only unpickler names the function or class it refused to load (torch 2.4 … 2.13 wordings).
+_REFUSED_GLOBAL = re.compile(r"unsupported GLOBAL ([\w.]+)", re.IGNORECASE)
 
 # Which dim of each weight Meta's model-parallel layers split (by our parameter name); None = replicated.
 SPLIT_DIMS: dict[str, int | None] = {
@@ -158,10 +164,19 @@ def _load_shard(file: Path) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:  # torch reports a truncated zip, a bad pickle, etc. with many exception types
+        refused = _REFUSED_GLOBAL.search(str(error))
+        if refused:  # torch's weights-only unpickler met a function or class: the file could run code if loaded
+            raise ConversionError(f"{file} contains objects other than tensors ({refused.group(1)}), so it was "
+                                  f"refused for safety (loading them could run code): a Meta checkpoint holds "
+                                  f"only tensors; use the files of the original download") from None
         raise ConversionError(f"{file} is not a readable PyTorch checkpoint (truncated or damaged?): "
                               f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
     if not isinstance(state, dict):
         raise ConversionError(f"{file} does not hold a dict of tensors")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(f"{file} holds {name!r} of type {type(value).__name__}, not a tensor: a Meta "
+                                  f"checkpoint holds only tensors")
     return state
 
 
@@ -213,13 +228,10 @@ class MetaSource(ExternalSource):
 
     def __init__(self, path: Path):
         files = _shard_files(path)
-        numbers = [int(SHARD_PATTERN.fullmatch(file.name).group(1)) for file in files]
-        if numbers != list(range(len(files))):
-            raise ConversionError(f"{path}: shard files {[file.name for file in files]} are not numbered "
-                                  f"consolidated.00.pth … consolidated.{len(files) - 1:02d}.pth without gaps")
         raw = read_json_object(path / PARAMS_FILE)
         self._shards = [_load_shard(file) for file in files]
         self._files = files
+        _check_all_shards_present(path, files, self._shards[0])
         names = list(self._shards[0])
         for file, shard in zip(files[1:], self._shards[1:]):
             if set(shard) != set(names):
@@ -227,8 +239,7 @@ class MetaSource(ExternalSource):
                 raise ConversionError(f"{file.name} and {files[0].name} hold different tensors: {differ[:6]}")
         if EMBEDDING not in self._shards[0]:
             raise ConversionError(f"{files[0]} has no {EMBEDDING}")
-        dim = int(raw.get("dim", 0))
-        self._split: dict[str, int | None] = {EMBEDDING: self._embedding_split(dim)}
+        self._split: dict[str, int | None] = {EMBEDDING: self._embedding_split(int(raw.get("dim", 0)))}
         embedding_shape = self._merged_shape(EMBEDDING)
         vocab = int(raw.get("vocab_size", -1))
         vocab = embedding_shape[0] if vocab <= 0 else vocab
@@ -241,22 +252,30 @@ class MetaSource(ExternalSource):
         found = {name: self._merged_shape(name) if name in self._split else tuple(self._shards[0][name].shape)
                  for name in names}
         found = {name: shape for name, shape in found.items() if not name.endswith("rope.freqs")}
-        check_names(expected, found, what=f"tensors in {path}", config=config)
-        check_shapes(expected, found, config)
+        described = f"{path / PARAMS_FILE} ({describe(config)})"
+        check_names(expected, found, what=f"tensors in {path}", described=described)
+        check_shapes(expected, found, config, described)
         super().__init__(config, mappings)
         self.check_dtypes()
         self.dtype = self.external_dtype(EMBEDDING)
         self.embedding_split = self._split[EMBEDDING]
+        # params.json names no dtype: compute in the one the weights are stored in (Meta ships bfloat16).
+        self.config = dataclasses.replace(config, dtype=compute_dtype(None, self.dtype))
 
     def external_dtype(self, name: str) -> np.dtype:
         return numpy_dtype(self._shards[0][name].dtype)
 
-    def _embedding_split(self, dim: int) -> int | None:
-        """Llama 2 files cut the embedding's columns, Llama 3 files its rows: tell which from the shapes."""
+    def _embedding_split(self, params_dim: int) -> int | None:
+        """Llama 2 files cut the embedding's columns, Llama 3 files its rows: tell which from the shapes.
+
+        The model's dim is read from the (replicated) final norm, so a params.json that contradicts the weights is
+        reported against the embedding's true shape.
+        """
         if len(self._shards) == 1:
             return None
-        shape = tuple(self._shards[0][EMBEDDING].shape)
-        return 0 if shape[1] == dim else 1
+        first = self._shards[0]
+        dim = first[FINAL_NORM].shape[0] if FINAL_NORM in first and first[FINAL_NORM].ndim == 1 else params_dim
+        return 0 if first[EMBEDDING].shape[1] == dim else 1
 
     def _merged_shape(self, name: str) -> tuple[int, ...]:
         shapes = [tuple(shard[name].shape) for shard in self._shards]
@@ -290,6 +309,27 @@ class MetaSource(ExternalSource):
 
     def close(self) -> None:
         self._shards = []
+
+
+def _check_all_shards_present(path: Path, files: list[Path], first: dict[str, Any]) -> None:
+    """Name the consolidated.NN.pth files missing from `path`, before their absence shows up as wrong shapes.
+
+    Meta's wq is square (heads × head_dim = dim) and every shard holds an equal slice of its rows, so its shape in
+    any one shard gives the number of shards; the numbering of the files present gives a lower bound.
+    """
+    numbers = [int(SHARD_PATTERN.fullmatch(file.name).group(1)) for file in files]
+    count, reason = max(numbers) + 1, ""
+    query = first.get(FIRST_QUERY)
+    if query is not None and query.ndim == 2 and query.shape[0] and query.shape[1] % query.shape[0] == 0:
+        rows, dim = query.shape
+        if dim // rows > count:
+            count = dim // rows
+            reason = f" (each holds {rows} of the {dim} rows of {FIRST_QUERY})"
+    missing = [f"consolidated.{number:02d}.pth" for number in range(count) if number not in numbers]
+    if missing:
+        raise ConversionError(f"{path} lacks {', '.join(missing)}: the checkpoint has {count} model-parallel "
+                              f"shards, consolidated.00.pth … consolidated.{count - 1:02d}.pth{reason}; copy the "
+                              f"missing file{'s' if len(missing) > 1 else ''} from the original download")
 
 
 def open_meta(path: Path) -> MetaSource:
