@@ -275,14 +275,16 @@ PROGRAMS = [
     Program("eval.multiple_choice", lambda w: ["--model", str(w / "model"), "--data", str(w / "questions.jsonl"),
                                                "--no-progress"], ("questions.jsonl",)),
     Program("eval.generate", lambda w: ["--model", str(w / "model"), "--prompts", str(w / "prompts.jsonl"),
-                                        "--max-new-tokens", "2"], ("prompts.jsonl",)),
+                                        "--max-new-tokens", "2"], ("prompts.jsonl", "model/model.json")),
     Program("llama_jax.convert", lambda w: [str(w / "hf"), str(w / "converted"), "--to", "orbax"],
-            ("hf/config.json",)),
+            ("hf/config.json", "hf/model.safetensors")),
 ]
 
 
 def break_file(data: bytes, how: str, where: float) -> bytes:
     """Break a file for sure, at a position chosen by `where` in [0, 1)."""
+    if how == "truncate":  # a copy or download that stopped early: before a JSON file's closing brace
+        return data[:int(where * (data.rindex(b"}") if data.lstrip().startswith(b"{") else len(data)))]
     lines = data.decode("utf-8").splitlines(keepends=True)
     line_index = min(int(where * len(lines)), len(lines) - 1)
     if how == "bad-utf8":  # 0xff starts no UTF-8 sequence
@@ -311,7 +313,8 @@ def break_file(data: bytes, how: str, where: float) -> bytes:
 
 BREAKS = {".yaml": ("bad-utf8", "unclosed-yaml", "code-tag", "wrong-type"),
           ".jsonl": ("bad-utf8", "cut-line", "drop-field"),
-          ".json": ("bad-utf8", "cut-line")}
+          ".json": ("bad-utf8", "truncate"),
+          ".safetensors": ("truncate",)}
 
 CASES = [(program, name, how) for program in PROGRAMS for name in program.breakable
          for how in BREAKS[Path(name).suffix]]
