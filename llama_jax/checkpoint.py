@@ -14,7 +14,8 @@ background while training goes on. Orbax writes a step under `<step>.orbax-check
 a complete checkpoint; unfinished directories are removed when the next run starts. A checkpoint that fails to
 restore (a missing, truncated or unreadable file) is reported with its path, moved aside to `<step>.corrupt`, and
 the previous one is tried. Restores place every array directly in the shards of the current mesh, whatever mesh
-wrote it.
+wrote it; Orbax writes the arrays and `llama_jax.convert.native.ArrayReader` reads them back (at the disk's speed,
+which Orbax's own restore falls well short of on a small CPU: benchmarks/2026-12-06-xeon-goodput.md).
 
 Exit statuses of a training program (see `Preempted`): 0 finished · 2 error (one `error:` line, including a run
 that keeps diverging) · 75 stopped by SIGTERM/SIGINT after saving a complete checkpoint (EX_TEMPFAIL: run the same
@@ -45,8 +46,10 @@ from orbax.checkpoint import checkpoint_managers as policies
 from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
 
 from llama_jax.config import RunConfig, resolve_model
+from llama_jax.convert.native import ArrayReader
 from llama_jax.distributed import barrier
 from llama_jax.errors import CheckpointError, LlamaJaxError
+from llama_jax.metrics import METRICS_FILE, Goodput, format_goodput, read_records
 from llama_jax.params import param_shapes
 from llama_jax.perf import format_bytes
 
@@ -142,6 +145,7 @@ class RunCheckpoints:
                     "meta": _MetaHandler(filename=META_FILE), "config": JsonCheckpointHandler(filename=CONFIG_FILE)}
         self.manager = _Manager(self.directory, options=options, item_handlers=handlers)
         self.last_save = time.monotonic()
+        self._target = None  # the trainer's restore target, traced at the first restore
 
     def due(self, step: int) -> bool:
         """Whether `step` is to be saved: every `checkpoint.every_steps`, the run's last step, and once
@@ -195,10 +199,11 @@ class RunCheckpoints:
         except Exception as error:  # Orbax/TensorStore raise many kinds on damaged files; all mean "unreadable"
             raise CheckpointError(f"checkpoint {path} is unreadable: {_describe(error)}") from None
         self._check_model(saved_config, path)
-        target = self.trainer.restore_target()
+        if self._target is None:
+            self._target = self.trainer.restore_target()
+        target = self._target
         try:
-            arrays = self.manager.restore(step, args=ocp.args.Composite(params=_placed(target.params),
-                                                                        opt_state=_placed(target.opt_state)))
+            params, opt_state = (read_item(path / item, getattr(target, item)) for item in ("params", "opt_state"))
             if int(meta["step"]) != step:
                 raise ValueError(f"{META_FILE} says step {meta['step']}")
             scalars = dict(step=replicated_value(np.int32(meta["step"]), target.step.sharding),
@@ -206,7 +211,7 @@ class RunCheckpoints:
                            data_skip=replicated_value(np.int32(meta["data_skip"]), target.data_skip.sharding))
         except Exception as error:
             raise CheckpointError(f"checkpoint {path} is unreadable: {_describe(error)}") from None
-        state = target.replace(params=dict(arrays["params"]), opt_state=arrays["opt_state"], **scalars)
+        state = target.replace(params=dict(params), opt_state=opt_state, **scalars)
         return Restored(step, state, meta, saved_config)
 
     def restore_latest(self, at_most: int | None = None) -> Restored | None:
@@ -270,6 +275,8 @@ class RunCheckpoints:
             saved_model = resolve_model(dict(saved["model"]))
         except (LlamaJaxError, KeyError, TypeError) as error:
             raise CheckpointError(f"checkpoint {path} has an unreadable {CONFIG_FILE}: {error}") from None
+        if saved_model == self.config.model:
+            return  # the same config has the same shapes (computing them builds the model abstractly: slow)
         current = param_shapes(self.config.model)
         before = param_shapes(saved_model)
         if before != current:
@@ -281,7 +288,7 @@ class RunCheckpoints:
 
     def changed_settings(self, saved: Mapping[str, Any]) -> list[str]:
         """`key: old → new` for every config value that differs from the checkpoint's (run-local keys ignored)."""
-        ignore = ("run_dir", "checkpoint.fresh", "debug.", "distributed.")
+        ignore = ("run_dir", "checkpoint.fresh", "debug.", "distributed.", "train.compilation_cache")
         old, new = _flatten(saved), _flatten(self.config_json)
         return [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in sorted(set(old) | set(new))
                 if old.get(key) != new.get(key) and not key.startswith(ignore)]
@@ -295,9 +302,13 @@ def wipe(run_dir: str | Path) -> None:
     barrier("checkpoint.fresh")
 
 
-def _placed(target) -> ocp.args.PyTreeRestore:
-    """Restore arguments that put every array straight into the shards `target` (ShapeDtypeStructs) describes."""
-    return ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+def read_item(directory: Path, target: Any) -> Any:
+    """An item's arrays (a pytree Orbax saved) straight into the shards `target` (ShapeDtypeStructs with shardings)
+    describes; Orbax names each array by its tree path."""
+    names = jax.tree.leaves(ocp.tree.get_param_names(target, include_empty_nodes=False))
+    leaves, treedef = jax.tree.flatten(target)
+    arrays = ArrayReader(directory).read_placed(dict(zip(names, leaves, strict=True)))
+    return jax.tree.unflatten(treedef, [arrays[name] for name in names])
 
 
 def replicated_value(value: np.ndarray, sharding) -> jax.Array:
@@ -440,14 +451,12 @@ def list_checkpoints(run_dir: str | Path, verify: bool = False) -> list[Listing]
 
 
 def _verify(path: Path) -> str:
-    """Read every array of a checkpoint to host memory; '' if all of it reads, else what failed."""
-    logging.getLogger("absl").setLevel(logging.ERROR)  # items have no step-level _CHECKPOINT_METADATA: expected
+    """Read every array of a checkpoint to host memory, one at a time; '' if all of it reads, else what failed."""
     for item in ("params", "opt_state"):
         try:
-            with contextlib.closing(ocp.PyTreeCheckpointer()) as checkpointer:
-                tree = checkpointer.metadata(path / item).item_metadata.tree
-                restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-                checkpointer.restore(path / item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+            reader = ArrayReader(path / item)
+            for name in reader.names():
+                reader.read(name)
         except Exception as error:
             return f"{path / item}: {_describe(error)}"
     for item, name in (("meta", META_FILE), ("config", CONFIG_FILE)):
@@ -503,7 +512,15 @@ USAGE = """usage: python -m llama_jax.checkpoint ls RUN_DIR [--verify]
 
 Lists the checkpoints of a training run: step, time saved, size on disk, status (complete · unfinished: a save in
 progress or interrupted · corrupt: moved aside at restore · incomplete · unreadable: with --verify, which reads every
-array), the next batch index (step + data_skip), the loss at that step and the number of rollbacks so far."""
+array), the next batch index (step + data_skip), the loss at that step and the number of rollbacks so far; then the
+run's goodput across restarts, from its metrics.jsonl (up to its last record): the share of the time since its first
+start spent in the steps it kept, and where the rest went."""
+
+
+def goodput_line(run_dir: str | Path) -> str | None:
+    """The run's goodput across restarts (`metrics.Goodput`), from its metrics.jsonl; None if it has none."""
+    path = Path(run_dir) / METRICS_FILE
+    return format_goodput(Goodput.of(read_records(path)).summary()) if path.is_file() else None
 
 
 def main(argv: Sequence[str]) -> int:
@@ -514,6 +531,9 @@ def main(argv: Sequence[str]) -> int:
         raise CheckpointError(f"unknown command {' '.join(argv)!r}: expected `ls RUN_DIR [--verify]`")
     listings = list_checkpoints(argv[1], verify="--verify" in argv[2:])
     print(format_listing(listings) if listings else f"{Path(argv[1]) / CHECKPOINTS}: no checkpoints")
+    goodput = goodput_line(argv[1])
+    if goodput is not None:
+        print(goodput)
     return 0
 
 

@@ -1,5 +1,7 @@
-"""Fault tolerance: resume after kill -9 (also mid-save) and SIGTERM bit-identical to an uninterrupted run, rollback
-on NaN and on a loss spike, the rollback cap, fallback from a truncated checkpoint, restore onto another mesh, `ls`.
+"""Fault tolerance: resume after kill -9 (also mid-save) and SIGTERM bit-identical to an uninterrupted run (and the
+goodput the run reports through the kills, against one computed from its records), rollback on NaN and on a loss
+spike, the rollback cap, fallback from a truncated checkpoint, restore onto another mesh, `ls`, and train.sft reading
+a run directory without Orbax's metadata warnings.
 
 The end-to-end tests run `python -m train.pretrain` on one CPU device (XLA_FLAGS cleared) in subprocesses that share
 a JAX compilation cache; the others call `llama_jax.run_loop.train` in this process with one Trainer (compiled once).
@@ -23,6 +25,7 @@ from llama_jax.config import GuardConfig, load_config
 from llama_jax.data import build_store
 from llama_jax.errors import CheckpointError
 from llama_jax.guard import DivergenceError, Guard
+from llama_jax.metrics import Goodput, read_records
 from llama_jax.pretraining_data import global_batch
 from llama_jax.run_loop import train
 from llama_jax.sharding import make_mesh
@@ -34,7 +37,9 @@ STEPS = 24
 MODEL = ["model=test", "model.vocab_size=512", "train.batch_size=8", "train.seq_len=64", "train.peak_tflops=1",
          "optimizer.lr=1e-2", "optimizer.warmup_steps=5", "train.log_every_steps=1", "eval.every_steps=8",
          "eval.batches=2", "checkpoint.every_steps=4", "guard.warmup_steps=8"]
-TIMING = ("tokens_per_sec", "mfu")
+# Fields that measure time (they differ between any two runs): left out when runs are compared.
+TIMING = ("tokens_per_sec", "mfu", "time", "step_seconds", "checkpoint_seconds", "eval_seconds", "restore_seconds",
+          "goodput", "start")
 
 
 # ── Shared fixtures ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -189,12 +194,40 @@ def test_kill9_at_several_points_including_mid_save_resumes_bit_identically(corp
     assert last.wait() == 0, last.stderr[-3000:]
     assert f"checkpoints/16 (step 16 of {STEPS}" in last.stderr
     assert_same_run(run_dir, reference())
+    assert_goodput_by_hand(run_dir, restarts=3)
+    # The last start loaded its train step from the persistent compilation cache the earlier runs filled.
+    starts = [r["start"] for r in read_records(run_dir / "metrics.jsonl") if "start" in r]
+    assert starts[-1]["restored_step"] == 16 and starts[-1]["compile_cache_hits"] >= 1
     # The run directory stays readable as a model (the conversion contract: checkpoints/<step>/params).
     import llama_jax
 
     model = llama_jax.load(run_dir, dtype="float32")
     np.testing.assert_array_equal(np.asarray(model.embedding[...]),
                                   saved_arrays(run_dir / f"checkpoints/{STEPS}")["params['embedding']"])
+
+
+def assert_goodput_by_hand(run_dir: Path, restarts: int) -> None:
+    """The goodput the run reports, against one computed here from its records: productive time is the
+    `step_seconds` of the steps the final trajectory kept, wall time runs from the first process start to the last
+    record, and the losses make up the rest."""
+    records = read_records(run_dir / "metrics.jsonl")
+    starts = [r["start"] for r in records if "start" in r]
+    first_start = min([s["process_start"] for s in starts]
+                      + [s["carried"]["first_start"] for s in starts if s["carried"] and s["carried"]["first_start"]])
+    wall = records[-1]["time"] - first_start
+    kept: dict[int, float] = {}
+    for record in records:
+        if record.get("event") == "rollback":
+            kept = {step: seconds for step, seconds in kept.items() if step <= record["restored_step"]}
+        elif "event" not in record:
+            kept[record["step"]] = record["step_seconds"]
+    productive = sum(kept.values())
+    assert records[-1]["goodput"] == pytest.approx(productive / wall, rel=1e-9)
+    summary = Goodput.of(records).summary()
+    assert summary["restarts"] == restarts and summary["wall_seconds"] == pytest.approx(wall)
+    assert summary["productive_seconds"] + sum(summary["lost_seconds"].values()) == pytest.approx(wall)
+    assert summary["lost_seconds"]["lost_work"] > 0  # steps after a checkpoint were trained again
+    assert all(loss >= 0 for loss in summary["lost_seconds"].values())
 
 
 @pytest.mark.slow
@@ -417,6 +450,30 @@ def test_ls_lists_checkpoints(setup, tmp_path):
     assert result.returncode == 0, result.stderr
     header, *rows = result.stdout.splitlines()
     assert header.split() == ["step", "saved", "size", "status", "next", "batch", "loss", "rollbacks"]
-    assert [row.split()[0] for row in rows] == ["8", "16", "20", "24"]
-    assert all(row.split()[5] == "complete" for row in rows)
+    assert [row.split()[0] for row in rows[:-1]] == ["8", "16", "20", "24"]
+    assert all(row.split()[5] == "complete" for row in rows[:-1])
     assert format_listing(list_checkpoints(run_dir)) in result.stdout
+    assert rows[-1].startswith("goodput ") and "since the first start (0 restarts)" in rows[-1]
+
+
+@pytest.mark.slow
+def test_sft_from_a_pretraining_run_prints_no_orbax_metadata_warnings(setup, corpus, tmp_path):
+    """train.sft started from a run directory reads its newest checkpoint without Orbax's absl warnings about a
+    step-level metadata file (which lives one level above the `params` item it reads)."""
+    from llama_jax.run_loop import write_run_config
+
+    run_dir = tmp_path / "pretrained"
+    run_in_process(setup, run_dir, "train.steps=4", "checkpoint.every_steps=4")
+    write_run_config(load_config(None, [*MODEL, f"run_dir={run_dir}"]), run_dir)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {i}"},
+                                                      {"role": "assistant", "content": f"{i}"}]}) + "\n"
+                             for i in range(4)))
+    result = subprocess.run(
+        [sys.executable, "-m", "train.sft", "configs/sft.yaml", f"init_from={run_dir}", f"data.path={chats}",
+         f"data.tokenizer={corpus[1].path}", f"run_dir={tmp_path / 'sft'}", "train.batch_size=2", "train.seq_len=64",
+         "sft.epochs=null", "train.steps=1", "train.peak_tflops=1", "eval.batches=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "LLAMA_JAX_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Metadata file does not exist" not in result.stderr and "absl" not in result.stderr, result.stderr[-3000:]

@@ -8,9 +8,17 @@ A llama-jax checkpoint is a directory:
 A run directory (written by the training program) is recognised by `config.yaml` (whose `model:` section is a full
 ModelConfig mapping) beside `checkpoints/<step>/`; each step's item `params` has the same flat-dict form, so the
 newest complete step reads exactly like a llama-jax checkpoint.
+
+Orbax writes every array; `ArrayReader` reads them back (a run's train state included: `llama_jax.checkpoint`) with
+TensorStore directly rather than through Orbax's restore, which costs about as much CPU again as the disk read: its
+TensorStore reads go through the file API into buffers of their own and are then copied into unaligned numpy
+arrays, which `jax.device_put` copies once more (XLA:CPU adopts only aligned host memory, and copies unaligned memory
+slowly). The reader maps the files (TensorStore's `memmap` file mode) and lands every shard in a page-aligned buffer
+that XLA:CPU adopts as it is (figures: benchmarks/2026-12-06-xeon-goodput.md).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -114,80 +122,171 @@ def latest_run_checkpoint(run_dir: str | Path) -> tuple[int, Path]:
 
 
 def _tree_metadata(params_dir: Path) -> Any:
-    """Orbax's metadata of a checkpoint (a TreeMetadata), without reading any array."""
+    """Orbax's metadata of a checkpoint (a TreeMetadata), without reading any array.
+
+    Asked of the item's handler, not of a Checkpointer: a Checkpointer also looks for the step-level
+    `_CHECKPOINT_METADATA` file, which lives one level up in a run directory, and warns through absl on every read.
+    """
     params_dir = Path(params_dir).absolute()  # under a relative path Orbax finds no metadata and returns None
     if not (params_dir / "_METADATA").is_file():
         raise ConversionError(f"{params_dir} is not a complete Orbax checkpoint (no _METADATA)")
     try:
-        with contextlib.closing(ocp.StandardCheckpointer()) as checkpointer:
-            return checkpointer.metadata(params_dir).item_metadata
+        with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
+            return handler.metadata(epath.Path(params_dir))
     except Exception as error:  # Orbax raises many kinds on a damaged checkpoint; all mean "cannot read it"
         raise ConversionError(f"{params_dir} is not a readable Orbax checkpoint: {type(error).__name__}: "
                               f"{error}") from None
 
 
-def _array_metadata(params_dir: Path, tree_metadata: Any = None) -> dict[str, Any]:
+def _array_metadata(params_dir: Path) -> dict[str, Any]:
     """{name: metadata with .shape and .dtype} of an Orbax flat-dict checkpoint, without reading any array."""
-    tree = (tree_metadata if tree_metadata is not None else _tree_metadata(params_dir)).tree
+    tree = _tree_metadata(params_dir).tree
     if not isinstance(tree, dict) or any(isinstance(value, dict) for value in tree.values()):
         raise ConversionError(f"{params_dir} does not hold a flat dict of parameters by dotted name")
     return dict(tree)
 
 
+# ── Reading Orbax arrays ─────────────────────────────────────────────────────────────────────────────────────────
+HOST_ALIGNMENT = 4096  # a page: XLA:CPU adopts host buffers aligned to it without copying them
+_READ_CONTEXT = {
+    "file_io_concurrency": {"limit": 128},
+    "file_io_mode": {"mode": "memmap"},  # page faults fill the page cache; no read() into a buffer to copy from
+    "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},  # OCDBT's b-tree nodes, read once per reader
+}
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on a page boundary."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.empty(size + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
+class ArrayReader:
+    """The arrays of one Orbax PyTree item (`params/`, `opt_state/`: OCDBT or not, zarr or zarr3), by Orbax's
+    parameter names (the tree path joined with dots), read with TensorStore."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory).absolute()
+        metadata = read_json_object(self.directory / "_METADATA")
+        self._zarr3 = bool(metadata.get("use_zarr3", False))
+        self._ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(self.directory))
+        self._context = ts.Context(_READ_CONTEXT)  # one per item, so OCDBT's b-tree is read once
+        self._stores: dict[str, Any] = {}
+        self._names = [".".join(str(key["key"]) for key in entry["key_metadata"])
+                       for entry in metadata.get("tree_metadata", {}).values()
+                       if not entry.get("value_metadata", {}).get("skip_deserialize")]
+
+    def names(self) -> list[str]:
+        """Every array's name, as `_METADATA` lists them."""
+        return list(self._names)
+
+    def _spec(self, name: str) -> dict[str, Any]:
+        info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(self.directory), use_zarr3=self._zarr3,
+                                           is_ocdbt_checkpoint=self._ocdbt, ts_context=self._context)
+        return ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
+
+    def _open(self, names: list[str]) -> dict[str, Any]:
+        """Open the TensorStores of `names` at once (their metadata reads overlap)."""
+        pending = {name: ts.open(ts.Spec(self._spec(name)), open=True, read=True, context=self._context)
+                   for name in names if name not in self._stores}
+        self._stores.update({name: future.result() for name, future in pending.items()})
+        return {name: self._stores[name] for name in names}
+
+    def read(self, name: str, index: Any = ()) -> np.ndarray:
+        """`name`, or its `index` (e.g. one layer), as numpy in the stored dtype."""
+        store = self._open([name])[name][index]
+        return _read_into_aligned(store).result()
+
+    def read_placed(self, targets: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+        """Every named array as a jax.Array with its target's shape, dtype and sharding. Each process reads only the
+        shards its devices hold (once for several local devices holding the same shard), all reads in flight at once."""
+        stores = self._open(list(targets))
+        reads = []  # (name, devices, future of a host buffer)
+        for name, target in targets.items():
+            store = stores[name]
+            if tuple(store.shape) != tuple(target.shape):
+                raise ConversionError(f"{self.directory}: array {name} has shape {tuple(store.shape)}, expected "
+                                      f"{tuple(target.shape)}")
+            devices_by_index = collections.defaultdict(list)
+            for device, index in target.sharding.addressable_devices_indices_map(tuple(target.shape)).items():
+                devices_by_index[_hashable(index)].append(device)
+            for index, devices in devices_by_index.items():
+                reads.append((name, devices, _read_into_aligned(store[_slices(index)], target.dtype)))
+        shards = collections.defaultdict(list)
+        for name, devices, future in reads:
+            buffer = future.result()
+            shards[name].extend(jax.device_put(buffer, device) for device in devices)  # adopted: no copy on CPU
+        return {name: jax.make_array_from_single_device_arrays(tuple(target.shape), target.sharding, shards[name])
+                for name, target in targets.items()}
+
+
+class _BufferRead:
+    """A TensorStore read into an aligned buffer; `result()` waits for it and returns the buffer."""
+
+    def __init__(self, buffer: np.ndarray, future: Any):
+        self.buffer, self.future = buffer, future
+
+    def result(self) -> np.ndarray:
+        self.future.result()
+        return self.buffer
+
+
+def _read_into_aligned(store: Any, dtype: Any = None) -> _BufferRead:
+    """Start reading all of `store` (an array or a slice of one) into a fresh aligned buffer of `dtype` (default:
+    the stored dtype; TensorStore converts)."""
+    buffer = aligned_empty(tuple(store.shape), np.dtype(dtype) if dtype is not None else store.dtype.numpy_dtype)
+    source = store[ts.d[:].translate_to[0]] if store.rank else store
+    if buffer.dtype != store.dtype.numpy_dtype:
+        source = ts.cast(source, ts.dtype(buffer.dtype.name))
+    return _BufferRead(buffer, ts.array(buffer, copy=False).write(source))
+
+
+def _hashable(index: tuple[slice, ...]) -> tuple[tuple[Any, Any], ...]:
+    return tuple((part.start, part.stop) for part in index)
+
+
+def _slices(index: tuple[tuple[Any, Any], ...]) -> tuple[slice, ...]:
+    return tuple(slice(start, stop) for start, stop in index)
+
+
 class NativeSource(ParamSource):
-    """Parameters from an Orbax flat-dict checkpoint, restored one at a time (Orbax partial restore)."""
+    """Parameters from an Orbax flat-dict checkpoint, read one at a time or all at once (`ArrayReader`)."""
 
     def __init__(self, config: ModelConfig, params_dir: Path):
         self.config = config
         self.params_dir = Path(params_dir).absolute()
-        self._tree_metadata = _tree_metadata(self.params_dir)
-        self.metadata = _array_metadata(self.params_dir, self._tree_metadata)
+        self.metadata = _array_metadata(self.params_dir)
         expected = param_shapes(config)
         found = {name: tuple(meta.shape) for name, meta in self.metadata.items()}
         check_names(expected, found, what=f"parameters in {self.params_dir}", config=config)
         check_shapes(expected, found, config)
         self.dtype = np.dtype(self.metadata["embedding"].dtype)
-        self._ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(self.params_dir))
-        self._use_zarr3 = bool(getattr(self._tree_metadata, "use_zarr3", False))
-        self._stores: dict[str, Any] = {}
-        self._ts_context: ts.Context | None = None
+        self._reader = self._guarded(lambda: ArrayReader(self.params_dir))
 
     def dtype_of(self, name: str) -> np.dtype:
         return np.dtype(self.metadata[name].dtype)
 
-    def _abstract(self, name: str, sharding: jax.sharding.Sharding | None = None) -> jax.ShapeDtypeStruct:
-        meta = self.metadata[name]
-        return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=sharding)
-
     def read_layer(self, name: str, layer: int) -> np.ndarray:
-        """One layer of a stacked parameter, read from its TensorStore array without restoring the rest."""
-        if name not in self._stores:
-            if self._ts_context is None:  # one context for every array, so OCDBT's caches are shared
-                self._ts_context = ocp.type_handlers.get_ts_context(use_ocdbt=self._ocdbt)
-            info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(self.params_dir),
-                                               use_zarr3=self._use_zarr3, is_ocdbt_checkpoint=self._ocdbt,
-                                               ts_context=self._ts_context)
-            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
-            self._stores[name] = self._guarded(
-                lambda: ts.open(ts.Spec(spec), open=True, read=True, context=self._ts_context).result())
-        return self._guarded(lambda: self._stores[name][layer].read().result())
+        """One layer of a stacked parameter, read without reading the rest."""
+        return self._guarded(lambda: self._reader.read(name, layer))
 
     def read(self, name: str) -> np.ndarray:
-        args = ocp.args.PyTreeRestore(item={name: self._abstract(name)},
-                                      restore_args={name: ocp.RestoreArgs(restore_type=np.ndarray)},
-                                      partial_restore=True)
-        with contextlib.closing(ocp.PyTreeCheckpointer()) as checkpointer:
-            return self._guarded(lambda: checkpointer.restore(self.params_dir, args=args)[name])
+        return self._guarded(lambda: self._reader.read(name))
 
     def read_all(self, shardings: Mapping[str, jax.sharding.Sharding]) -> dict[str, jax.Array]:
         """Every parameter at once, as jax.Arrays placed by `shardings` (each process reads only its shards)."""
-        abstract = {name: self._abstract(name, shardings[name]) for name in self.metadata}
-        with contextlib.closing(ocp.StandardCheckpointer()) as checkpointer:
-            return self._guarded(lambda: checkpointer.restore(self.params_dir, abstract))
+        targets = {name: jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=shardings[name])
+                   for name, meta in self.metadata.items()}
+        return self._guarded(lambda: self._reader.read_placed(targets))
 
     def _guarded(self, restore):
         try:
             return restore()
+        except ConversionError:
+            raise
         except Exception as error:  # a truncated or damaged array file surfaces from TensorStore as many kinds
             raise ConversionError(f"cannot read {self.params_dir}: {type(error).__name__}: "
                                   f"{str(error).splitlines()[0] if str(error) else ''}") from None
