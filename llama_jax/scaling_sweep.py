@@ -32,7 +32,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import logging
 import math
 import os
 import signal
@@ -482,8 +481,6 @@ def evaluate_run(run_dir: Path, batch_size: int | None = None, batches: int | No
     from llama_jax.scoring import Scorer, evaluate_perplexity
     from llama_jax.sharding import make_mesh
 
-    # Orbax warns through absl about a metadata file the run-directory layout does not write; the read is fine.
-    logging.getLogger("absl").setLevel(logging.ERROR)
     run_dir = Path(run_dir).resolve()  # Orbax's metadata reader finds nothing under a relative path
     config = load_config(run_dir / "config.yaml")
     step, _ = latest_run_checkpoint(run_dir)
