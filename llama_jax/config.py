@@ -154,6 +154,20 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "llama3.1-8b": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                                multiple_of=1024, ffn_dim_multiplier=1.3, rope_theta=500000.0,
                                rope_scaling=RopeScaling(), max_seq_len=131072),
+    # Code Llama (Rozière et al. 2023): Llama 2 trained further on code with 16K-token sequences and rope theta raised
+    # to 1e6 (Meta's params.json sets `rope_theta`; the code default stays 1e4). Shapes as in the config.json files of
+    # codellama/CodeLlama-{7b,13b,34b,70b}-hf (max_position_embeddings 16384, rope_theta 1000000): 7B, 13B and 70B
+    # have a vocabulary of 32016 (the infilling tokens added), 34B keeps 32000; 34B and 70B use 8 kv heads. FFN widths
+    # follow Meta's rule (11008, 13824, 22016; 70B as Llama 2 70B, 28672). The 70B Python and Instruct variants differ:
+    # rope theta 1e4 and 4096 positions (meta-llama/codellama#188) — read those from their checkpoints.
+    "codellama-7b": ModelConfig(vocab_size=32016, dim=4096, n_layers=32, n_heads=32, rope_theta=1e6,
+                                max_seq_len=16384),
+    "codellama-13b": ModelConfig(vocab_size=32016, dim=5120, n_layers=40, n_heads=40, rope_theta=1e6,
+                                 max_seq_len=16384),
+    "codellama-34b": ModelConfig(vocab_size=32000, dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, rope_theta=1e6,
+                                 max_seq_len=16384),
+    "codellama-70b": ModelConfig(vocab_size=32016, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                                 multiple_of=4096, ffn_dim_multiplier=1.3, rope_theta=1e6, max_seq_len=16384),
     # Small sizes for tests, benchmarks and CPU experiments.
     "tiny": ModelConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden_dim=704,
                         max_seq_len=1024),
@@ -215,6 +229,14 @@ class DataConfig:
     path: str | None = None  # None = the default corpus (the Python standard library's sources)
     tokenizer: str | None = None  # None = a SentencePiece model trained on the corpus and cached
     valid_path: str | None = None
+    # Fill-in-the-middle (pretraining; llama_jax/infilling.py): the share of training documents split into prefix,
+    # middle and suffix (Code Llama: 0.9; 0 = off), and the share of those laid out suffix-first.
+    fim_rate: float = 0.0
+    fim_spm_rate: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("fim_rate", "fim_spm_rate"):
+            _require(0 <= getattr(self, name) <= 1, f"data.{name}", getattr(self, name), "a number in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -319,8 +341,10 @@ class RunConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    # Logical axis name -> mesh axes; None = the default table in llama_jax.sharding.
-    sharding_rules: dict[str, list[str]] | None = None
+    # Logical axis name -> mesh axes, or the name of a table in llama_jax.sharding.NAMED_RULES ("sequence": split
+    # each sequence over fsdp); None = the default table. Typed Any because OmegaConf has no union of a mapping and a
+    # string; llama_jax.sharding.rules_from_config checks it.
+    sharding_rules: Any = None
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)

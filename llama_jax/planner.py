@@ -29,9 +29,12 @@ Two compilers, one method. What a plan does, on any machine (a laptop will do):
    refuses (`RESOURCE_EXHAUSTED`) a program that needs more; "fits" means it compiled and its memory analysis stays
    within that limit (`fits_tpu`).
 
-Batch: the config's global batch (train.batch_size × train.seq_len) is split over data × fsdp and processed in
-micro-batches of `micro_batch` sequences per device (gradient accumulation inside the step), so the compiled
-temporaries are those of one micro-batch while the arguments hold the whole global batch.
+Batch: the config's global batch (train.batch_size × train.seq_len) is split over the mesh axes the rules give the
+batch (data × fsdp by default) and processed in micro-batches of `micro_batch` sequences per batch shard (gradient
+accumulation inside the step), so the compiled temporaries are those of one micro-batch while the arguments hold the
+whole global batch. Rules that split the sequence (`sharding_rules: sequence`: batch over data, length over fsdp)
+divide each micro-batch's tokens, and so its activations, among the devices of a batch shard
+(`batch_and_sequence_shards`): how long-context runs fit.
 
 Caveat for GPU plans, printed with the results: XLA:CPU's compiled memory differs from XLA:GPU's. The CPU backend has
 no native bf16 arithmetic (it upcasts and may keep float32 copies), uses all-reduce where GPUs reduce-scatter,
@@ -379,6 +382,17 @@ def resolve_mesh(sizes: Sequence[int], devices: int, counted_by: str | None = No
 
 
 # ── Exact per-device state bytes for any mesh (shapes and sharding rules only) ──────────────────────────────────
+def batch_and_sequence_shards(rules: Any, mesh_shape: Sequence[int]) -> tuple[int, int]:
+    """(batch shards, sequence shards): into how many parts the rules split a micro-batch's rows and each of its
+    sequences on a (data, fsdp, tensor) mesh — the mesh axes `batch` names, then those `length` names that `batch`
+    left (a mesh axis serves one dimension of an array; see llama_jax.sharding)."""
+    sizes = dict(zip(("data", "fsdp", "tensor"), mesh_shape))
+    table = dict(rules)
+    batch_axes = tuple(table.get("batch", ()))
+    length_axes = tuple(axis for axis in table.get("length", ()) if axis not in batch_axes)
+    return math.prod(sizes[axis] for axis in batch_axes), math.prod(sizes[axis] for axis in length_axes)
+
+
 def state_bytes(model: Any, rules: Any, mesh_shape: Sequence[int]) -> dict[str, int]:
     """Per-device bytes of float32 parameters, AdamW state (mu, nu) and gradients on a (data, fsdp, tensor) mesh."""
     from jax.sharding import AbstractMesh
@@ -403,12 +417,14 @@ def matmul_flops(jaxpr: Any) -> tuple[float, bool]:
 
     A `shard_map` body, written for one device's shard, counts once per device of its manual axes; a Pallas kernel
     counts its own cost estimate where it gives one, else its body (one grid step's blocks) times its grid — every
-    grid step, also those a kernel skips at run time (the masked-out blocks of causal attention)."""
+    grid step, also those a kernel skips at run time (the masked-out blocks of causal attention). A `cond` counts its
+    largest branch, but within a `shard_map` body the mean of its branches: there the branch follows the device's
+    position (context-parallel attention runs one branch per sequence shard, on as many devices each)."""
     from jax.extend import core as jcore
 
     uncertain = False
 
-    def count(jaxpr) -> float:
+    def count(jaxpr, per_device: bool = False) -> float:
         nonlocal uncertain
         total = 0.0
         for eqn in jaxpr.eqns:
@@ -424,12 +440,12 @@ def matmul_flops(jaxpr: Any) -> tuple[float, bool]:
                 else:
                     grid = eqn.params["grid_mapping"].grid
                     steps = math.prod(size if isinstance(size, int) else 1 for size in grid)
-                    total += steps * count(eqn.params["jaxpr"])
+                    total += steps * count(eqn.params["jaxpr"], per_device)
                 continue
             if eqn.primitive.name == "shard_map":
                 mesh = eqn.params["mesh"]
                 manual = eqn.params.get("manual_axes") or eqn.params.get("newly_manual_axes") or mesh.axis_names
-                total += math.prod(mesh.shape[axis] for axis in manual) * count(eqn.params["jaxpr"])
+                total += math.prod(mesh.shape[axis] for axis in manual) * count(eqn.params["jaxpr"], True)
                 continue
             subs = []
             for value in eqn.params.values():
@@ -441,13 +457,14 @@ def matmul_flops(jaxpr: Any) -> tuple[float, bool]:
             if not subs:
                 continue
             if eqn.primitive.name == "scan":
-                total += eqn.params["length"] * count(eqn.params["jaxpr"].jaxpr)
+                total += eqn.params["length"] * count(eqn.params["jaxpr"].jaxpr, per_device)
             elif eqn.primitive.name == "cond":
-                total += max(count(sub) for sub in subs)
+                branches = [count(sub, per_device) for sub in subs]
+                total += sum(branches) / len(branches) if per_device else max(branches)
             else:
                 if eqn.primitive.name == "while":
                     uncertain = True
-                total += sum(count(sub) for sub in subs)
+                total += sum(count(sub, per_device) for sub in subs)
         return total
 
     return count(jaxpr), uncertain
@@ -468,13 +485,17 @@ def compile_plan(config: Any, mesh_shape: tuple[int, int, int], micro_batch: int
 
     data, fsdp, tensor = mesh_shape
     batch, seq_len = config.train.batch_size, config.train.seq_len
-    batch_shards = data * fsdp
+    rules = rules_from_config(config.sharding_rules)
+    batch_shards, sequence_shards = batch_and_sequence_shards(rules, mesh_shape)
     if batch % (batch_shards * micro_batch):
         raise ConfigError(f"train.batch_size={batch} cannot be split into micro-batches of {micro_batch} sequence(s) "
-                          f"on each of data×fsdp = {batch_shards} batch shards: choose --micro-batch or a batch size "
-                          f"so that batch_size is a multiple of {batch_shards * micro_batch}")
+                          f"on each of the {batch_shards} batch shards the sharding rules make of this mesh: choose "
+                          f"--micro-batch or a batch size so that batch_size is a multiple of "
+                          f"{batch_shards * micro_batch}")
+    if seq_len % sequence_shards:
+        raise ConfigError(f"train.seq_len={seq_len} cannot be split into the {sequence_shards} sequence shards the "
+                          f"sharding rules make of this mesh: choose a multiple of {sequence_shards}")
     grad_accum = batch // (batch_shards * micro_batch)
-    rules = rules_from_config(config.sharding_rules)
     devices = list(jax.devices() if devices is None else devices)[:data * fsdp * tensor]
     platform = devices[0].platform
     if platform == "tpu":  # chips in an order that keeps mesh neighbours ICI neighbours, as on a TPU VM
@@ -512,7 +533,7 @@ def compile_plan(config: Any, mesh_shape: tuple[int, int, int], micro_batch: int
     exact = state_bytes(config.model, rules, mesh_shape)
     state_shard_bytes = sum(_shard_bytes(leaf, sharding) for leaf, sharding in
                             zip(jax.tree.leaves(trainer.abstract_state()), jax.tree.leaves(shardings), strict=True))
-    batch_bytes = len(keys) * (batch // batch_shards) * seq_len * 4
+    batch_bytes = len(keys) * (batch // batch_shards) * (seq_len // sequence_shards) * 4
     grads = exact["grads"] * (2 if grad_accum > 1 else 1)  # the accumulator and one micro-batch's gradient
     state_and_batch = {"params": exact["params"], "opt_state": state_shard_bytes - exact["params"],
                        "batch": batch_bytes}
@@ -545,8 +566,10 @@ def compile_plan(config: Any, mesh_shape: tuple[int, int, int], micro_batch: int
         xla_cost = {"xla_cost_analysis_per_device": None, "xla_bytes_accessed_per_device": None}
     return {
         "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor}, "devices": data * fsdp * tensor,
-        "micro_batch": micro_batch, "grad_accum": grad_accum, "compile_seconds": compile_seconds,
-        "compiler": compiler_name(platform), "attention": attention_used(config, traced.jaxpr, caught),
+        "micro_batch": micro_batch, "grad_accum": grad_accum, "sequence_shards": sequence_shards,
+        "tokens_per_device": micro_batch * seq_len // sequence_shards, "compile_seconds": compile_seconds,
+        "compiler": compiler_name(platform),
+        "attention": attention_used(config, traced.jaxpr, caught, sequence_shards),
         "bytes": memory_bytes,
         "flops": {"executed_global": executed_flops, "executed_counted_while_once": uncertain, **xla_cost},
     }
@@ -577,9 +600,10 @@ def hbm_exhausted(message: str) -> dict[str, Any] | None:
             "message": message.strip().splitlines()[0][:300]}
 
 
-def attention_used(config: Any, jaxpr: Any, caught: Sequence[Any] = ()) -> str:
+def attention_used(config: Any, jaxpr: Any, caught: Sequence[Any] = (), sequence_shards: int = 1) -> str:
     """Which attention the traced step runs: the Pallas kernels it calls (splash on a TPU), else the XLA path the
-    config resolves to; with `auto`'s fallback warnings, if any."""
+    config resolves to, on each device's part of the sequence where the rules split it; with `auto`'s fallback
+    warnings, if any."""
     kernels: set[str] = set()
 
     def visit(jaxpr) -> None:
@@ -603,8 +627,12 @@ def attention_used(config: Any, jaxpr: Any, caught: Sequence[Any] = ()) -> str:
     elif impl in ("dense", "chunked"):
         used = f"{impl} (XLA operations)"
     else:
-        chosen = "chunked" if config.train.seq_len > config.model.attention_chunk else "dense"
+        queries = config.train.seq_len // sequence_shards
+        chosen = "chunked" if queries > config.model.attention_chunk else "dense"
         used = f"{chosen} (XLA operations; model.attention_impl={impl})"
+    if sequence_shards > 1:
+        used += (f", each device's {config.train.seq_len // sequence_shards:,} queries against keys and values "
+                 f"gathered from {sequence_shards} sequence shards")
     notes = sorted({str(w.message) for w in caught if "attention_impl" in str(w.message)})
     return used + "".join(f"; {note}" for note in notes)
 
@@ -627,14 +655,20 @@ def tpu_usable_bytes(chip: TpuChip) -> float:
 def estimate_bytes(plan: dict[str, Any], model: Any, rules: Any, mesh_shape: Sequence[int]) -> int:
     """Per-device peak for another mesh at the same micro-batch: state and gradients exactly; the compiled
     activations and other temporaries divided by the change in the tensor split (tensor parallelism splits heads,
-    the MLP and the vocabulary; fsdp does not shrink a device's micro-batch activations) — conservative for fsdp,
-    which also shrinks the optimizer's temporaries."""
+    the MLP and the vocabulary; fsdp does not shrink a device's micro-batch activations) and in the sequence split
+    (rules that split sequences divide a device's tokens) — conservative for fsdp, which also shrinks the optimizer's
+    temporaries."""
     base = plan["bytes"]
     exact = state_bytes(model, rules, mesh_shape)
-    grad_accum = plan["grad_accum"] * plan["mesh"]["data"] * plan["mesh"]["fsdp"] // (mesh_shape[0] * mesh_shape[1])
+    planned = plan["mesh"]
+    planned_batch, planned_sequence = batch_and_sequence_shards(rules, (planned["data"], planned["fsdp"],
+                                                                        planned["tensor"]))
+    batch_shards, sequence_shards = batch_and_sequence_shards(rules, mesh_shape)
+    grad_accum = plan["grad_accum"] * planned_batch // batch_shards
     grads = exact["grads"] * (2 if grad_accum > 1 else 1)
-    other = base["other_temporaries"] * plan["mesh"]["tensor"] / mesh_shape[2]
-    batch = base["batch"] * (plan["mesh"]["data"] * plan["mesh"]["fsdp"]) / (mesh_shape[0] * mesh_shape[1])
+    # A device's activations follow its share of a micro-batch's tokens and of the heads/MLP/vocabulary.
+    other = base["other_temporaries"] * (planned["tensor"] * planned_sequence) / (mesh_shape[2] * sequence_shards)
+    batch = base["batch"] * (planned_batch * planned_sequence) / (batch_shards * sequence_shards)
     return int(exact["params"] + exact["opt_state"] + batch + grads + other + base.get("program", 0))
 
 
@@ -646,7 +680,7 @@ def suggest_splits(plan: dict[str, Any], config: Any, usable: float,
     from llama_jax.sharding import rules_from_config
 
     model, rules = config.model, rules_from_config(config.sharding_rules)
-    devices, micro, batch = plan["devices"], plan["micro_batch"], config.train.batch_size
+    devices, micro, batch, seq_len = plan["devices"], plan["micro_batch"], config.train.batch_size, config.train.seq_len
     tensors = [t for t in (1, 2, 4, 8) if model.n_heads % t == 0 and model.kv_heads % t == 0]
     groups = sorted({f * t for t in tensors for f in (2 ** k for k in range(13)) if f * t <= 4096})
     found = []
@@ -656,7 +690,8 @@ def suggest_splits(plan: dict[str, Any], config: Any, usable: float,
                 continue
             fsdp = group // tensor
             data = devices // group if group <= devices and devices % group == 0 else 1
-            if batch % (data * fsdp * micro) or not device_counts(data * group):
+            batch_shards, sequence_shards = batch_and_sequence_shards(rules, (data, fsdp, tensor))
+            if batch % (batch_shards * micro) or seq_len % sequence_shards or not device_counts(data * group):
                 continue
             estimate = estimate_bytes(plan, model, rules, (data, fsdp, tensor))
             if estimate <= usable:
@@ -790,9 +825,7 @@ def format_tpu_report(report: dict[str, Any]) -> str:
     lines = [
         f"{report['model']}: {report['parameters'] / 1e9:.2f}B parameters · mesh data={mesh['data']} "
         f"fsdp={mesh['fsdp']} tensor={mesh['tensor']} · {chips} chips of {report['chip']} ({report['target']})",
-        f"  batch {report['tokens_per_step'] // report['seq_len']} × {report['seq_len']} = "
-        f"{report['tokens_per_step']:,} tokens per step: micro-batches of {report['micro_batch']} sequence(s) per "
-        f"chip, {report['grad_accum']} accumulation steps",
+        _batch_line(report, "chip"),
         f"  compiler: {compiler}, on this machine for {report['target']}'s compile-only devices: the real train "
         f"step from abstract shapes (nothing allocated), {report['compile_seconds']:.0f} s",
         f"  attention: {report['attention']}",
@@ -917,11 +950,10 @@ def format_report(report: dict[str, Any], accelerator: Accelerator) -> str:
     lines = [
         f"{report['model']}: {report['parameters'] / 1e9:.2f}B parameters · mesh data={mesh['data']} "
         f"fsdp={mesh['fsdp']} tensor={mesh['tensor']} · {devices} devices",
-        f"  batch {report['tokens_per_step'] // report['seq_len']} × {report['seq_len']} = "
-        f"{report['tokens_per_step']:,} tokens per step: micro-batches of {report['micro_batch']} sequence(s) per "
-        f"device, {report['grad_accum']} accumulation steps",
+        _batch_line(report, "device"),
         f"  compiler: {report['compiler']}, for {devices} simulated CPU devices standing in for the GPUs: the real "
         f"train step from abstract shapes (nothing allocated), {report['compile_seconds']:.0f} s",
+        f"  attention: {report['attention']}",
         "",
         "Memory per device (state: exact, from shapes and shardings; the rest: XLA:CPU's compiled memory analysis)",
         *_memory_rows(report),
@@ -977,6 +1009,19 @@ def format_report(report: dict[str, Any], accelerator: Accelerator) -> str:
                      f"{META_LLAMA2_SEQ_LEN}, {ours / report['meta_gpu_hours']:.2f}× Meta's "
                      f"{report['meta_gpu_hours']:,}")
     return "\n".join(lines)
+
+
+def _batch_line(report: dict[str, Any], device: str) -> str:
+    """How a step's batch is cut: micro-batches per device (or per data shard, each sequence split over devices)."""
+    head = (f"  batch {report['tokens_per_step'] // report['seq_len']} × {report['seq_len']} = "
+            f"{report['tokens_per_step']:,} tokens per step: ")
+    shards = report.get("sequence_shards", 1)
+    if shards == 1:
+        return (head + f"micro-batches of {report['micro_batch']} sequence(s) per {device}, {report['grad_accum']} "
+                "accumulation steps")
+    return (head + f"micro-batches of {report['micro_batch']} sequence(s) per data shard, each sequence split "
+            f"{shards} ways along its length ({report['tokens_per_device']:,} tokens per {device}), "
+            f"{report['grad_accum']} accumulation steps")
 
 
 def _row(label: str, n: float, note: str = "") -> str:

@@ -5,6 +5,17 @@ logical names at block boundaries. `DEFAULT_RULES` maps each name onto the (data
 
     batch → (data, fsdp)     embed → fsdp      heads, kv_heads, mlp, vocab → tensor     length, head_dim, layers → -
 
+`SEQUENCE_RULES` (`sharding_rules: sequence` in a config) splits each sequence instead of the batch over fsdp, for
+contexts whose activations one device cannot hold (MaxText's context parallelism, its `context` axis doubling as an
+FSDP axis for the weights):
+
+    batch → data     length → fsdp     embed → fsdp      heads, kv_heads, mlp, vocab → tensor     head_dim, layers → -
+
+The blocks outside attention are per token, so XLA's partitioner splits them along the sequence with no communication
+beyond FSDP's; attention gathers keys and values along the sequence (`llama_jax.attention.context`). The loss's scan
+over sequence chunks (`ops.output_head_loss`) cannot stay split: XLA gathers the final hidden states and every device
+of a data shard computes the output head for the whole micro-batch.
+
 Two resolution rules keep any table valid on any mesh and any model size:
 - a mesh axis serves at most one dimension of an array (the first that asks for it), so an activation
   [batch, length, embed] is split over (data, fsdp) on batch only, while a weight [embed, mlp] is split fsdp × tensor;
@@ -42,11 +53,27 @@ DEFAULT_RULES: Rules = (
     ("layers", ()),
 )
 
+# The default table with the fsdp axis moved from the batch to the sequence: a micro-batch of one sequence per data
+# shard is split along its length over fsdp (sequence or context parallelism); weights stay split as by default.
+SEQUENCE_RULES: Rules = (("batch", ("data",)), ("length", ("fsdp",))) + tuple(
+    rule for rule in DEFAULT_RULES if rule[0] not in ("batch", "length"))
 
-def rules_from_config(table: Mapping[str, Sequence[str] | str | None] | None) -> Rules:
-    """The rules table from config (`sharding_rules:`), checked; None gives DEFAULT_RULES."""
+NAMED_RULES: dict[str, Rules] = {"default": DEFAULT_RULES, "sequence": SEQUENCE_RULES}
+
+
+def rules_from_config(table: Mapping[str, Sequence[str] | str | None] | str | None) -> Rules:
+    """The rules table from config (`sharding_rules:`), checked: a table, or the name of one of NAMED_RULES; None
+    gives DEFAULT_RULES."""
     if table is None:
         return DEFAULT_RULES
+    if isinstance(table, str):
+        if table not in NAMED_RULES:
+            raise ConfigError(f"sharding_rules={table!r} is not a known table: expected one of {sorted(NAMED_RULES)} "
+                              "or a mapping of logical axis names to mesh axes")
+        return NAMED_RULES[table]
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"sharding_rules={table!r} is not allowed: expected one of {sorted(NAMED_RULES)} or a "
+                          "mapping of logical axis names to mesh axes")
     rules = []
     for logical, mesh_axes in table.items():
         if logical not in LOGICAL_AXES:
@@ -131,8 +158,22 @@ def place_rows(local: Mapping[str, np.ndarray], global_rows: int, mesh: Mesh,
     """
     shape = (global_rows, next(iter(local.values())).shape[1])
     sharding = batch_sharding(mesh, rules, shape)
+    _require_whole_rows(sharding, shape)
     return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value, np.int32), shape)
             for key, value in local.items()}
+
+
+def _require_whole_rows(sharding: NamedSharding, shape: tuple[int, int]) -> None:
+    """Each process reads whole rows, so its devices must hold whole rows between them: rules that split sequences
+    (SEQUENCE_RULES) need the mesh axes they split them over inside each process."""
+    covered = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        covered.update(range(*index[1].indices(shape[1])))
+    if len(covered) != shape[1]:
+        raise ConfigError(f"the sharding rules split each sequence of {shape[1]} tokens across processes (this one's "
+                          f"devices hold {len(covered)} of its positions), but every process reads whole rows: keep "
+                          "the mesh axes that split sequences (fsdp under sharding_rules=sequence) within one host and "
+                          "let data span the hosts")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

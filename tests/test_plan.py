@@ -196,6 +196,40 @@ def test_plan_counts_attention_flops_as_a_gpu_runs_them():
         "error: model.attention_impl=flash_cpu is a CPU kernel and a plan is for GPUs: use auto, chunked or dense"]
 
 
+def test_sequence_sharding_divides_each_devices_tokens_and_keeps_the_flops():
+    """sharding_rules=sequence on (1,8,1): one sequence per micro-batch split 8 ways; the state is split as by default
+    and the batch exactly as the rules say; the FLOPs are one device's (each shard runs its own branch of the causal
+    blocks, so none is skipped or repeated)."""
+    plan = run_plan("sharding_rules=sequence", "--devices", "8", "--mesh", "1x8x1", "--no-suggest")
+    model, b = MODEL_PRESETS["test"], plan["bytes"]
+    assert (plan["sequence_shards"], plan["tokens_per_device"], plan["grad_accum"]) == (8, 64 // 8, 16)
+    assert b["batch"] == 3 * 16 * (64 // 8) * 4  # inputs, targets, loss_mask: all 16 rows, 8 of 64 columns
+    assert b["compiled_arguments"] == b["params"] + b["opt_state"] + b["batch"]
+    assert b["params"] == state_bytes(model, DEFAULT_RULES, (1, 8, 1))["params"]
+    assert "gathered from 8 sequence shards" in plan["attention"]
+    assert plan["model_flops_per_step"] == model.flops_per_token(64) * 16 * 64
+    # Against one device's step with the default rules, traced in this process (nothing compiled).
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax.config import OptimizerConfig
+    from llama_jax.sharding import SEQUENCE_RULES, activation_sharding, make_mesh
+    from llama_jax.trainer import Trainer
+
+    config = dataclasses.replace(model, attention_impl="chunked", attention_chunk=32, max_seq_len=256)
+    counts = {}
+    for name, rules, shape in (("one", DEFAULT_RULES, (1, 1, 1)), ("sequence", SEQUENCE_RULES, (1, 4, 2))):
+        mesh = make_mesh(*shape, devices=jax.devices()[:math.prod(shape)])
+        trainer = Trainer.create(config, OptimizerConfig(), 10, mesh, rules, grad_accum=2)
+        state = trainer.abstract_state()
+        batch = {key: jax.ShapeDtypeStruct((4, 256), jnp.int32) for key in ("inputs", "targets", "loss_mask")}
+        with activation_sharding(mesh, rules):
+            counts[name] = matmul_flops(jax.make_jaxpr(trainer.train_step)(state, batch).jaxpr)[0]
+    assert counts["sequence"] == counts["one"]
+
+
 # ── TPU plans ─────────────────────────────────────────────────────────────────────────────────────────────────────
 LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]'); CI installs "

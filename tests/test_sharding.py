@@ -100,3 +100,105 @@ def test_mesh_shapes_and_errors():
         rules_from_config({"mlp": ["model"]})
     with pytest.raises(ConfigError, match="unknown logical axis"):
         rules_from_config({"hidden": ["tensor"]})
+
+
+# ── Sequence (context) parallelism: sharding_rules: sequence ─────────────────────────────────────────────────────
+# Sequences of 256 tokens split over fsdp; query blocks of 64, so a device's queries span one or two blocks and the
+# gathered keys several devices' worth. Packed documents (segment ids, positions restarting) cross shard boundaries.
+SEQ_CONFIG = dataclasses.replace(CONFIG, attention_chunk=64, max_seq_len=256)
+SEQ_BATCH, SEQ_LEN = 4, 256
+
+
+def sequence_batch(documents: bool) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, SEQ_CONFIG.vocab_size, (SEQ_BATCH, SEQ_LEN + 1)).astype(np.int32)
+    mask = np.ones((SEQ_BATCH, SEQ_LEN), np.float32)
+    mask[1, :7] = 0
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask}
+    if documents:  # documents of 100 + 156 tokens (row 2: 100 + 90 + 66); positions restart at each
+        segments = np.ones((SEQ_BATCH, SEQ_LEN), np.int32)
+        segments[:, 100:] = 2
+        segments[2, 190:] = 3
+        starts = np.maximum.accumulate(np.where(np.diff(segments, prepend=0) != 0, np.arange(SEQ_LEN), 0), axis=1)
+        batch.update(segment_ids=segments, positions=(np.arange(SEQ_LEN) - starts).astype(np.int32))
+    return batch
+
+
+@functools.cache
+def sequence_step(mesh_shape, rules_name, impl, documents):
+    from llama_jax.sharding import NAMED_RULES
+
+    config = dataclasses.replace(SEQ_CONFIG, attention_impl=impl)
+    devices = jax.devices()[:int(np.prod(mesh_shape))]
+    trainer = Trainer.create(config, OptimizerConfig(lr=1e-2, warmup_steps=0), total_steps=10,
+                             mesh=make_mesh(*mesh_shape, devices=devices), rules=NAMED_RULES[rules_name], grad_accum=2)
+    params = trainer.init_state(seed=0).params
+    loss, grads, _ = trainer.under_rules(jax.jit(trainer.loss_and_grads))(params, sequence_batch(documents))
+    return float(loss), jax.device_get(grads)
+
+
+@pytest.mark.parametrize("mesh_shape, impl, documents", [
+    ((1, 4, 2), "chunked", False),  # XLA's query blocks, one traced branch per shard offset
+    ((1, 2, 4), "chunked", True),  # tensor 4 splits 4 query heads, not 2 kv heads: attention keeps heads whole
+    ((2, 2, 2), "auto", True),  # auto on CPU devices: the flash kernel on each shard (slots carry the offsets)
+    pytest.param((1, 8, 1), "dense", False, marks=pytest.mark.slow),
+])
+def test_sequence_sharded_step_equals_single_device(mesh_shape, impl, documents):
+    """The sequence split over fsdp (keys and values gathered in attention) against one device's dense attention."""
+    expected_loss, expected_grads = sequence_step((1, 1, 1), "default", "dense", documents)
+    loss, grads = sequence_step(mesh_shape, "sequence", impl, documents)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+    for name, grad in expected_grads.items():
+        np.testing.assert_allclose(grads[name], grad, atol=1e-6, rtol=1e-4, err_msg=name)
+
+
+def test_sequence_rules_split_tokens_and_activations_not_the_batch():
+    from jax.sharding import PartitionSpec as P
+
+    from llama_jax.config import load_config
+    from llama_jax.sharding import SEQUENCE_RULES
+
+    mesh = make_mesh(2, 2, 2)
+    assert rules_from_config(load_config(None, ["sharding_rules=sequence"]).sharding_rules) == SEQUENCE_RULES
+    assert rules_from_config("default") == DEFAULT_RULES
+    assert logical_to_spec(("batch", "length"), SEQUENCE_RULES, (4, 256), mesh) == P("data", "fsdp")
+    assert logical_to_spec(("batch", "length", "embed"), SEQUENCE_RULES, (4, 256, 64), mesh) == P("data", "fsdp", None)
+    # Weights are split exactly as by default (the fsdp axis also shards them, as MaxText's context axis does).
+    for axes, shape in ((("embed", "mlp"), (64, 160)), (("vocab", "embed"), (256, 64))):
+        assert logical_to_spec(axes, SEQUENCE_RULES, shape, mesh) == logical_to_spec(axes, DEFAULT_RULES, shape, mesh)
+    with pytest.raises(ConfigError, match=r"^sharding_rules='context' is not a known table: expected one of "
+                                          r"\['default', 'sequence'\]"):
+        rules_from_config("context")
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_a_split_sequence_lowers_for_gpus_and_tpus_with_xla_attention(platform):
+    """The fused GPU/TPU kernels' causal masks assume queries at slots 0..s-1: on a split sequence `auto` runs XLA's
+    attention on each shard (keys and values all-gathered), and a kernel named explicitly is a one-line error."""
+    import re
+
+    import jax.numpy as jnp
+
+    from llama_jax.attention import compiling_for
+    from llama_jax.errors import KernelError
+    from llama_jax.sharding import SEQUENCE_RULES
+
+    def lowered(impl):
+        config = dataclasses.replace(SEQ_CONFIG, dtype="bfloat16", attention_impl=impl)
+        trainer = Trainer.create(config, OptimizerConfig(), 10, make_mesh(1, 4, 2), SEQUENCE_RULES)
+        shape = (2, SEQ_LEN)
+        batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=trainer.batch_shardings(shape))
+                 for key in ("inputs", "targets", "loss_mask")}
+        with trainer.activation_sharding(), compiling_for(platform):
+            return trainer.jit_step(shape).__wrapped__.trace(trainer.restore_target(), batch).lower(
+                lowering_platforms=(platform,)).as_text()
+
+    text = lowered("auto")
+    assert "all_gather" in text
+    calls = set(re.findall(r"custom_call @([\w$.\-]+)", text))
+    assert not {call for call in calls if "cudnn" in call or "triton" in call or "tpu_custom_call" in call
+                or "llama_jax_flash" in call}, calls
+    named = "cudnn" if platform == "cuda" else "splash"
+    with pytest.raises(KernelError, match=rf"^model.attention_impl={named} cannot run here: the mesh splits the "
+                                          "sequence"):
+        lowered(named)

@@ -5,6 +5,8 @@
     python -m train.plan configs/llama2-7b.yaml --devices 8 --mesh 1x8x1
     python -m train.plan configs/llama2-70b.yaml --devices 64 --mesh 1x64x1 --accelerator a100-80gb --mfu 0.45
     python -m train.plan configs/llama2-7b.yaml --target tpu-v5p:2x2x1
+    python -m train.plan configs/llama2-7b.yaml model=codellama-34b train.seq_len=16384 train.batch_size=8 \
+        train.grad_accum=1 sharding_rules=sequence --devices 8 --mesh 1x8x1   (each 16K sequence split 8 ways)
 
 GPU plans simulate N devices (XLA's host platform with N CPU devices, set before jax is imported) and compile the
 real train step with XLA:CPU; TPU plans (`--target`, v4, v5e, v5p or v6e; needs `pip install -e '.[tpu]'`) compile
@@ -41,7 +43,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "tpu-v6e:4x4: compile with XLA:TPU instead (a TPU plan; needs the tpu extra)")
     parser.add_argument("--mesh", default=None,
                         help=f"{MESH_FORMAT}, e.g. 1x8x1 (one size may be -1); default: the config's mesh")
-    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per device per micro-batch (default 1)")
+    parser.add_argument("--micro-batch", type=int, default=1,
+                        help="sequences per batch shard per micro-batch: per device, or per data shard under rules "
+                             "that split sequences (sharding_rules=sequence) (default 1)")
     parser.add_argument("--accelerator", choices=sorted(planner.ACCELERATORS), default=None,
                         help="the GPU of a GPU plan (default h100-sxm)")
     parser.add_argument("--memory-gib", type=float, default=None,

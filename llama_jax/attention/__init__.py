@@ -11,6 +11,9 @@
   where cudnn cannot run); CPU → flash_cpu. Where that kernel cannot take the shapes, dtypes or mesh, `chunked` for
   sequences longer than one chunk, else `dense`, with a one-line warning once per shape.
 
+When the mesh splits the sequence (rules mapping `length` to a mesh axis), `context.attend_over_sequence_shards`
+gathers keys and values along it and runs flash_cpu, chunked or dense on each device's queries (context parallelism).
+
 A kernel asked for by name that cannot run raises a one-line `KernelError` naming the key and the reason. A GPU or
 TPU kernel asked for by name in a program for CPU devices runs emulated (Pallas interpret mode; cuDNN's call with
 `implementation="xla"`), with a warning: that is how the tests check their numerics on CPU. To lower a program for
@@ -22,13 +25,11 @@ and log-normaliser for the `save_attention_out` remat policy.
 """
 from __future__ import annotations
 
-import warnings
-
 import jax
 
-from llama_jax.attention import cpu, gpu, tpu
+from llama_jax.attention import context, cpu, gpu, tpu
 from llama_jax.attention.mask import AttentionMask
-from llama_jax.attention.shards import compiling_for, mesh_platform, target_platform
+from llama_jax.attention.shards import compiling_for, mesh_platform, target_platform, warn_once
 from llama_jax.attention.xla import attend, attend_in_chunks
 from llama_jax.config import ModelConfig
 from llama_jax.errors import KernelError
@@ -37,16 +38,18 @@ __all__ = ["AttentionMask", "attend", "attend_in_chunks", "attention", "compilin
            "mesh_platform", "target_platform"]
 
 KERNEL_PLATFORMS = {"flash_cpu": ("cpu",), "cudnn": ("gpu",), "pallas": ("gpu",), "splash": ("tpu",)}
-_warned: set[tuple] = set()
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, config: ModelConfig) -> jax.Array:
     """Causal grouped-query self-attention by `config.attention_impl`."""
+    sequence_split = context.sequence_specs(q, k)
+    if sequence_split is not None:
+        return context.attend_over_sequence_shards(q, k, v, mask, config, sequence_split)
     impl = implementation(config, q, k, mask)
     interpret = impl in ("cudnn", "pallas", "splash") and target_platform() == "cpu"
     if interpret:
         how = "jax.nn.dot_product_attention with implementation='xla'" if impl == "cudnn" else "Pallas interpret mode"
-        _warn_once(("interpret", impl), f"model.attention_impl={impl} on cpu devices runs emulated ({how}): a "
+        warn_once(("interpret", impl), f"model.attention_impl={impl} on cpu devices runs emulated ({how}): a "
                                         "numerics check, not the kernel, and slow")
     if impl == "flash_cpu":
         return cpu.attend_flash_cpu(q, k, v, mask)
@@ -80,7 +83,7 @@ def implementation(config: ModelConfig, q: jax.Array, k: jax.Array, mask: Attent
             candidate = "chunked" if q.shape[1] > config.attention_chunk else "dense"
         if reasons:
             key = (candidate, platform, q.shape, k.shape, str(q.dtype), tuple(reasons))
-            _warn_once(key, f"model.attention_impl=auto runs {candidate} for q {list(q.shape)} {q.dtype} on {platform}"
+            warn_once(key, f"model.attention_impl=auto runs {candidate} for q {list(q.shape)} {q.dtype} on {platform}"
                             f" ({'; '.join(reasons)})")
         return candidate
     return impl
@@ -112,8 +115,3 @@ def unsupported(impl: str, q: jax.Array, k: jax.Array, mask: AttentionMask, conf
         return gpu.pallas_supports(q, k)
     return tpu.splash_supports(q, k, config)
 
-
-def _warn_once(key: tuple, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -66,10 +67,10 @@ Specs = tuple[PartitionSpec, PartitionSpec]
 
 def shard_specs(q: jax.Array, k: jax.Array) -> Specs | None | tuple[()]:
     """PartitionSpecs of q [b, s, heads, d] and k/v [b, t, kv_heads, d] under the mesh and rules in context: () when
-    there is nothing to split (no mesh, or one device), None when a kernel cannot run shard by shard (see the
-    module docstring); without rules on a multi-device mesh, replicated."""
+    there is nothing to split (no mesh, one device, or inside a `shard_map` over the whole mesh), None when a kernel
+    cannot run shard by shard (see the module docstring); without rules on a multi-device mesh, replicated."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:  # inside shard_map: already one device's shard
         return ()
     rules = flax_spmd.get_logical_axis_rules()
     if not rules:
@@ -117,3 +118,13 @@ def over_shards(kernel: Callable, q: jax.Array, k: jax.Array, args: Sequence, in
     out_specs = by_kind[out_kinds] if isinstance(out_kinds, str) else tuple(by_kind[kind] for kind in out_kinds)
     return jax.shard_map(on_shard, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)(*(args[i] for i in present))
+
+
+_warned: set[tuple] = set()
+
+
+def warn_once(key: tuple, message: str) -> None:
+    """A warning shown once per process for `key` (e.g. which attention a shape fell back to)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)

@@ -124,43 +124,48 @@ def _query_blocks(length: int, chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def attend_in_chunks(q: Array, k: Array, v: Array, mask: AttentionMask, chunk: int) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def attend_in_chunks(q: Array, k: Array, v: Array, mask: AttentionMask, chunk: int, offset: int = 0) -> Array:
     """Causal self-attention one block of queries at a time, never holding the full [s, s] score matrix.
 
     A query block [start, end) only needs keys [0, end), so the masked upper triangle is skipped entirely (about half
     the FLOPs of dense attention). The backward pass runs `attend`'s per block and adds each block's key and value
     gradients into [0, end) of one float32 buffer, rather than summing zero-padded copies of them.
+
+    offset: the queries are keys offset..offset+s-1 of k (a shard of the sequence attending to the gathered keys,
+    `llama_jax.attention.context`): block [start, end) then reads keys [0, offset + end).
     """
-    return _attend_chunks_forward(q, k, v, mask, chunk)[0]
+    return _attend_chunks_forward(q, k, v, mask, chunk, offset)[0]
 
 
-def _attend_chunks_forward(q, k, v, mask, chunk):
+def _attend_chunks_forward(q, k, v, mask, chunk, offset):
     outputs, log_normalisers = [], []
     for start, end in _query_blocks(q.shape[1], chunk):
-        block_mask = mask.dense(slice(start, end), slice(0, end))
-        out, log_normaliser = _attend_forward(q[:, start:end], k[:, :end], v[:, :end], block_mask)
+        seen = offset + end
+        block_mask = mask.dense(slice(start, end), slice(0, seen))
+        out, log_normaliser = _attend_forward(q[:, start:end], k[:, :seen], v[:, :seen], block_mask)
         outputs.append(out)
         log_normalisers.append(log_normaliser)
     return jnp.concatenate(outputs, axis=1), log_normalisers
 
 
-def _attend_chunks_fwd(q, k, v, mask, chunk):
-    out, log_normalisers = _attend_chunks_forward(q, k, v, mask, chunk)
+def _attend_chunks_fwd(q, k, v, mask, chunk, offset):
+    out, log_normalisers = _attend_chunks_forward(q, k, v, mask, chunk, offset)
     out, log_normalisers = saveable(out, log_normalisers)
     return out, (q, k, v, mask, out, log_normalisers)
 
 
-def _attend_chunks_bwd(chunk, residuals, grad_out):
+def _attend_chunks_bwd(chunk, offset, residuals, grad_out):
     q, k, v, mask, out, log_normalisers = residuals
     grad_qs = []
     grad_k, grad_v = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     for (start, end), log_normaliser in zip(_query_blocks(q.shape[1], chunk), log_normalisers):
-        block_mask = mask.dense(slice(start, end), slice(0, end))
-        block_q, block_k, block_v = _attend_grads(q[:, start:end], k[:, :end], v[:, :end], block_mask,
+        seen = offset + end
+        block_mask = mask.dense(slice(start, end), slice(0, seen))
+        block_q, block_k, block_v = _attend_grads(q[:, start:end], k[:, :seen], v[:, :seen], block_mask,
                                                   out[:, start:end], log_normaliser, grad_out[:, start:end])
         grad_qs.append(block_q)
-        grad_k, grad_v = grad_k.at[:, :end].add(block_k), grad_v.at[:, :end].add(block_v)
+        grad_k, grad_v = grad_k.at[:, :seen].add(block_k), grad_v.at[:, :seen].add(block_v)
     return jnp.concatenate(grad_qs, axis=1).astype(q.dtype), grad_k.astype(k.dtype), grad_v.astype(v.dtype), None
 
 

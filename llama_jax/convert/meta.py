@@ -66,6 +66,8 @@ SPLIT_DIMS: dict[str, int | None] = {
 PUBLISHED_FFN_RULES = [(256, None), (256, 1.5), (4096, 1.3), (1024, 1.3), (4096, 1.2)]
 EMBEDDING_SPLITS = {"vocab": 0, "dim": 1}  # Llama 3 (VocabParallelEmbedding), Llama 2 (ParallelEmbedding)
 LLAMA3_ROPE_THETA = 500000.0
+CODE_LLAMA_ROPE_THETA = 1e6
+TRAINED_LENGTH_BY_THETA = {LLAMA3_ROPE_THETA: 8192, CODE_LLAMA_ROPE_THETA: 16384}
 _MADV_DONTNEED = 4
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 # Meta's `use_scaled_rope` applies Llama 3.1's scaling with these constants, fixed in its code.
@@ -110,8 +112,9 @@ def config_from_params(raw: dict[str, Any], vocab_size: int, tied: bool, where: 
     kv_heads = raw.get("n_kv_heads")
     scaled = bool(raw.get("use_scaled_rope", False))
     theta = float(raw.get("rope_theta") or 10000.0)  # Llama 2's params.json has none: its code fixes 10000
-    # Context length is not in params.json; these are the families' trained lengths (a serving default only).
-    max_seq_len = 131072 if scaled else 8192 if theta == LLAMA3_ROPE_THETA else 4096
+    # Context length is not in params.json; these are the families' trained lengths (a serving default only): Llama
+    # 3.1 (scaled rope), Llama 3 (theta 500000), Code Llama (theta 1e6, trained on 16K-token sequences), else Llama 2.
+    max_seq_len = 131072 if scaled else TRAINED_LENGTH_BY_THETA.get(theta, 4096)
     fields.update(vocab_size=vocab_size, n_kv_heads=None if kv_heads in (None, fields["n_heads"]) else int(kv_heads),
                   multiple_of=int(raw.get("multiple_of", 256)), ffn_dim_multiplier=raw.get("ffn_dim_multiplier"),
                   norm_eps=float(raw.get("norm_eps", 1e-5)), rope_theta=theta,
