@@ -9,11 +9,11 @@ tokenized once into a directory holding two TensorStore zarr3 arrays, chunked an
               no BOS/EOS are stored, packing adds them
     offsets   1-D int64, num_documents + 1 entries; document i is tokens[offsets[i]:offsets[i+1]]
     manifest.json   format version, tokenizer fingerprint and ids, each source's path, size and
-                    mtime, token and document counts
+                    mtime, the fill-in-the-middle settings (null: none), token and document counts
 
 `build_store` reuses an existing store only if its manifest names the same sources (same sizes and
-mtimes) and the same tokenizer fingerprint; otherwise it rebuilds. A half-written store is never
-used: a local store is built in a hidden sibling directory and renamed into place when complete;
+mtimes), the same tokenizer fingerprint and the same FIM settings; otherwise it rebuilds. A half-written
+store is never used: a local store is built in a hidden sibling directory and renamed into place when complete;
 a store at an object-store URL (e.g. "gs://bucket/corpus") has its manifest deleted first and
 written last, and a store without a manifest is never opened.
 
@@ -59,6 +59,7 @@ import numpy as np
 import tensorstore as ts
 
 from llama_jax.errors import DataError
+from llama_jax.infilling import FimTransform
 from llama_jax.jsonl import read_jsonl, utf8_text
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
@@ -423,13 +424,16 @@ def build_store(
     *,
     force: bool = False,
     part: SplitPart | None = None,
+    fim: FimTransform | None = None,
 ) -> TokenStore:
     """Tokenize `sources` into a token store at `out_dir` (local path or URL), unless an up-to-date one is there.
 
     part: 'train' or 'valid' to store one side of the corpus's held-out split (`corpus_documents`), None for all.
+    fim: store documents fill-in-the-middle transformed (`llama_jax.infilling`); the manifest records the settings.
     """
     paths = resolve_sources(sources)
-    expected = _inputs_manifest(paths, tokenizer, part)
+    expected = {**_inputs_manifest(paths, tokenizer, part), "fim": None if fim is None else fim.manifest()}
+    writer = tokenizer if fim is None else fim.encoder(tokenizer)  # what encodes the documents
     location = _Location(str(out_dir))
     with _build_lock(location):
         existing = location.read_manifest()
@@ -437,9 +441,9 @@ def build_store(
             with contextlib.suppress(DataError):  # a damaged store is rebuilt below
                 return TokenStore.open(out_dir)
         if location.is_local:
-            _build_local(location, paths, tokenizer, expected, part)
+            _build_local(location, paths, writer, expected, part)
         else:
-            _build_at_url(location, paths, tokenizer, expected, part)
+            _build_at_url(location, paths, writer, expected, part)
     return TokenStore.open(out_dir)
 
 
@@ -778,7 +782,8 @@ def _default_corpus_dir(cache_dir: Path, root: Path, vocab_size: int) -> Path:
     return cache_dir / f"stdlib-py{version}-{root_key}-vocab{vocab_size}"
 
 
-def _cached_tokenizer(directory: Path, train_files: Sequence[Path], vocab_size: int) -> Tokenizer:
+def _cached_tokenizer(directory: Path, train_files: Sequence[Path], vocab_size: int,
+                      infilling: bool = False) -> Tokenizer:
     """The tokenizer trained on these exact files, trained now if the cache has none."""
     model_path, record_path = directory / "tokenizer.model", directory / "tokenizer.json"
     sources_digest = hashlib.sha256(json.dumps(_describe_sources(train_files)).encode()).hexdigest()
@@ -789,7 +794,7 @@ def _cached_tokenizer(directory: Path, train_files: Sequence[Path], vocab_size: 
                 tokenizer = load_tokenizer(model_path)
                 if tokenizer.fingerprint() == record["fingerprint"]:
                     return tokenizer
-        tokenizer = train_sentencepiece(train_files, model_path, vocab_size)
+        tokenizer = train_sentencepiece(train_files, model_path, vocab_size, infilling=infilling)
         record = {"sources_digest": sources_digest, "fingerprint": tokenizer.fingerprint(), "vocab_size": vocab_size}
         temporary = record_path.with_name(f".{record_path.name}.{uuid.uuid4().hex}")
         temporary.write_text(json.dumps(record))
@@ -802,13 +807,22 @@ def load_default_corpus(
     *,
     cache_dir: PathLike | None = None,
     root: PathLike | None = None,
+    fim: FimTransform | None = None,
 ) -> tuple[Tokenizer, TokenStore, TokenStore]:
-    """(tokenizer, train store, validation store) of the standard-library corpus, built and cached on first use."""
+    """(tokenizer, train store, validation store) of the standard-library corpus, built and cached on first use.
+
+    fim: the training store's documents are FIM-transformed, with a tokenizer that has the infilling pieces (cached
+    apart from the plain one); each FIM setting gets its own training store, so runs with different ones can share
+    the cache. The validation store stays plain.
+    """
     base = Path(root) if root is not None else stdlib_dir()
     directory = _default_corpus_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir(), base, vocab_size)
+    if fim is not None:
+        directory = directory.with_name(directory.name + "-infilling")
     train_files = default_corpus("train", root=base)
     valid_files = default_corpus("valid", root=base)
-    tokenizer = _cached_tokenizer(directory, train_files, vocab_size)
-    train = build_store(train_files, tokenizer, directory / "train")
+    tokenizer = _cached_tokenizer(directory, train_files, vocab_size, infilling=fim is not None)
+    train_dir = directory / ("train" if fim is None else f"train-fim-{fim.key()}")
+    train = build_store(train_files, tokenizer, train_dir, fim=fim)
     valid = build_store(valid_files, tokenizer, directory / "valid")
     return tokenizer, train, valid

@@ -39,7 +39,9 @@ from flax import nnx
 from llama_jax.attention import AttentionMask
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
+from llama_jax.infilling import infilling_prompt
 from llama_jax.model import LayerInputs, Llama, Rotary, output_head, rope_frequencies
+from llama_jax.tokenizer import Tokenizer
 
 Array = jax.Array
 FinishReason = Literal["stop", "length"]
@@ -438,3 +440,33 @@ class IncrementalDecoder:
         piece = text[len(self._emitted):] if len(text) > len(self._emitted) else ""
         self._emitted += piece
         return piece
+
+
+# ── Infilling (the prompt and the training transform: llama_jax/infilling.py) ─────────────────────────────────────────
+@dataclass(frozen=True)
+class Infilling:
+    """One infilled middle: its text, its token ids (without ▁<EOT>) and why generation ended."""
+
+    middle: str
+    tokens: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop": the model wrote ▁<EOT>; "length": max_new_tokens ran out first
+
+
+def infill(model: Llama, tokenizer: Tokenizer, prefixes: Sequence[str], suffixes: Sequence[str], *,
+           suffix_first: bool = False, max_new_tokens: int = 128, sampling: Sampling = GREEDY,
+           seed: int = 0) -> list[Infilling]:
+    """The middle between each prefix and suffix (Meta's `text_infilling`): one batched `generate` call that stops
+    each row at ▁<EOT>. Greedy unless `sampling` says otherwise."""
+    if len(prefixes) != len(suffixes):
+        raise ConfigError(f"infill needs one suffix per prefix: got {len(prefixes)} prefixes, {len(suffixes)} "
+                          "suffixes")
+    prompts = [infilling_prompt(tokenizer, prefix, suffix, suffix_first=suffix_first)
+               for prefix, suffix in zip(prefixes, suffixes)]
+    if not prompts:
+        return []
+    eot = tokenizer.infilling_ids().eot
+    completions = generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                           stop_ids=[eot])
+    return [Infilling(tokenizer.decode_infilling(completion.tokens), completion.tokens, len(prompt),
+                      completion.finish_reason) for prompt, completion in zip(prompts, completions)]

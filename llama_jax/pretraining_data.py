@@ -19,7 +19,8 @@ from llama_jax.data import (
     resolve_sources,
 )
 from llama_jax.distributed import process_zero_first
-from llama_jax.errors import ConfigError, DataError
+from llama_jax.errors import ConfigError, DataError, TokenizerError
+from llama_jax.infilling import fim_transform
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from llama_jax.trainer import Trainer
 
@@ -42,17 +43,23 @@ def prepare_pretraining_data(config: RunConfig, run_dir: Path) -> PretrainingDat
 
 def _prepare_pretraining_data(config: RunConfig, run_dir: Path) -> PretrainingData:
     vocab_size = config.model.vocab_size
+    fim = fim_transform(config)  # only the training store is transformed: validation loss stays comparable
     if config.data.path is None:
-        tokenizer, train, valid = load_default_corpus(vocab_size)
+        tokenizer, train, valid = load_default_corpus(vocab_size, fim=fim)
     else:
         sources = resolve_sources(config.data.path)
         if config.data.valid_path is not None:
             train_part, valid_part = (sources, None), (resolve_sources(config.data.valid_path), None)
         else:  # hold out documents of data.path (`data.corpus_documents` says which)
             train_part, valid_part = (sources, "train"), (sources, "valid")
-        tokenizer = _tokenizer_for(config, *train_part, run_dir, vocab_size)
+        tokenizer = _tokenizer_for(config, *train_part, run_dir, vocab_size, infilling=fim is not None)
+        if fim is not None:
+            try:
+                tokenizer.infilling_ids()
+            except TokenizerError as error:
+                raise ConfigError(f"data.fim_rate={config.data.fim_rate}: {error}") from None
         store_dir = run_dir / "token_store"
-        train = build_store(train_part[0], tokenizer, store_dir / "train", part=train_part[1])
+        train = build_store(train_part[0], tokenizer, store_dir / "train", part=train_part[1], fim=fim)
         valid = build_store(valid_part[0], tokenizer, store_dir / "valid", part=valid_part[1])
     if tokenizer.vocab_size > vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
@@ -61,7 +68,7 @@ def _prepare_pretraining_data(config: RunConfig, run_dir: Path) -> PretrainingDa
 
 
 def _tokenizer_for(config: RunConfig, files: list[Path], part: SplitPart | None, run_dir: Path,
-                   vocab_size: int) -> Tokenizer:
+                   vocab_size: int, infilling: bool = False) -> Tokenizer:
     if config.data.tokenizer is not None:
         return load_tokenizer(config.data.tokenizer)
     path = run_dir / "tokenizer.model"
@@ -73,7 +80,7 @@ def _tokenizer_for(config: RunConfig, files: list[Path], part: SplitPart | None,
                         f"({', '.join(map(str, files))}) holds no text")
     print(f"training a SentencePiece tokenizer ({vocab_size} pieces) on {len(texts)} documents → {path}",
           file=sys.stderr)
-    return train_sentencepiece(texts, path, vocab_size)
+    return train_sentencepiece(texts, path, vocab_size, infilling=infilling)
 
 
 def global_batch(trainer: Trainer, store: TokenStore, index: int, batch_size: int, seq_len: int, seed: int,

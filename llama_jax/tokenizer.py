@@ -7,6 +7,12 @@ Both implementations encode text as *ordinary* text: a document that happens to 
 "<|eot_id|>" gets the tokens of those characters, never the special id. Special ids only enter a
 sequence on purpose, through `bos=`/`eos=` or `special_id()`. This keeps raw training data from
 forging control tokens.
+
+Infilling (Code Llama 7B/13B): such a tokenizer ends its vocabulary with four pieces, `▁<PRE>`, `▁<SUF>`, `▁<MID>`,
+`▁<EOT>` (`INFILLING_PIECES`); `infilling_ids()` finds them or raises one TokenizerError naming the file and the
+missing pieces. Whatever type a file gives them, they are control pieces here, so text such as " <PRE>" still
+encodes as ordinary text. `encode_infilling`/`decode_infilling` encode and decode without SentencePiece's implicit
+leading space, as Code Llama encodes the suffix and the middle.
 """
 from __future__ import annotations
 
@@ -20,10 +26,24 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from llama_jax.errors import TokenizerError
 
 PathLike = str | os.PathLike[str]
+
+# Code Llama's infilling pieces, in the order of their ids in its tokenizer.model (appended after the regular
+# vocabulary): prefix, suffix, middle, end of the infilled text. The "▁" is part of the piece names.
+INFILLING_PIECES = ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")
+
+
+class InfillingIds(NamedTuple):
+    """The ids of the four infilling pieces."""
+
+    prefix: int
+    suffix: int
+    middle: int
+    eot: int
 
 
 class Tokenizer(abc.ABC):
@@ -56,6 +76,33 @@ class Tokenizer(abc.ABC):
         """encode() of many texts without BOS/EOS; implementations override it to use threads."""
         return [self.encode(text) for text in texts]
 
+    def encode_infilling(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text without an implicit leading space (Code Llama's suffix and middle).
+
+        Only SentencePiece adds such a space; other tokenizers encode as encode_batch does.
+        """
+        return self.encode_batch(texts)
+
+    def decode_infilling(self, ids: Sequence[int]) -> str:
+        """Text of `ids` keeping a leading space that decode() would drop (an infilled middle's)."""
+        return self.decode(ids)
+
+    def infilling_ids(self) -> InfillingIds:
+        """Ids of ▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT>; one TokenizerError naming the file and the missing pieces."""
+        found: dict[str, int] = {}
+        for piece in INFILLING_PIECES:
+            try:
+                found[piece] = self.special_id(piece)
+            except TokenizerError:
+                pass
+        missing = [piece for piece in INFILLING_PIECES if piece not in found]
+        if missing:
+            raise TokenizerError(
+                f"{self.path or '<bytes>'}: tokenizer has no infilling tokens (missing {', '.join(missing)}); "
+                "infilling needs a Code Llama 7B/13B tokenizer.model or one trained with "
+                "train_sentencepiece(..., infilling=True)")
+        return InfillingIds(*(found[piece] for piece in INFILLING_PIECES))
+
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         checked = [int(token_id) for token_id in ids]
         for token_id in checked:
@@ -76,6 +123,35 @@ def _sha256(data: bytes) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+# Code Llama's sentinel for encoding without the implicit leading space (llama/tokenizer.py, encode_infilling).
+_INFILLING_SENTINEL = "☺"
+
+
+def _with_control_pieces(model_bytes: bytes, pieces: Sequence[str]) -> bytes:
+    """The model with `pieces` (those it has) retyped as control pieces; nothing else changes."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_bytes)
+    for entry in proto.pieces:
+        if entry.piece in pieces:
+            entry.type = sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
+    return proto.SerializeToString()
+
+
+def _with_appended_control_pieces(model_bytes: bytes, pieces: Sequence[str]) -> bytes:
+    """The model with `pieces` appended as control pieces at the end of the vocabulary, where Code Llama has its."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_bytes)
+    for piece in pieces:
+        entry = proto.pieces.add()
+        entry.piece, entry.score = piece, 0.0
+        entry.type = sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
+    return proto.SerializeToString()
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model, as Llama 2 ships it: unk 0, BOS 1 (<s>), EOS 2 (</s>), byte fallback."""
 
@@ -90,6 +166,16 @@ class SentencePieceTokenizer(Tokenizer):
             self._processor = sentencepiece.SentencePieceProcessor(model_proto=model_bytes)
         except (RuntimeError, TypeError, ValueError) as error:
             raise TokenizerError(f"{path or '<bytes>'}: not a SentencePiece model ({error})") from error
+        infilling = [self._processor.piece_to_id(piece) for piece in INFILLING_PIECES]
+        if any(self._processor.id_to_piece(i) == piece and not self._processor.is_control(i)
+               for i, piece in zip(infilling, INFILLING_PIECES)):
+            # A user-defined (or normal) ▁<PRE> would be cut out of any text containing " <PRE>": make it a
+            # control piece, which encode() never produces. Ids and the file's fingerprint stay as they are.
+            self._processor = sentencepiece.SentencePieceProcessor(
+                model_proto=_with_control_pieces(model_bytes, INFILLING_PIECES))
+        # Meta's encode_infilling: the ids of "☺" + text, less those of "☺" alone (the dummy prefix and the
+        # sentinel: two ids in Code Llama's vocabulary, more where "☺" falls back to bytes).
+        self._sentinel_ids = list(self._processor.encode(_INFILLING_SENTINEL))
         self.vocab_size = self._processor.get_piece_size()
         if self.vocab_size <= 0:
             raise TokenizerError(f"{path or '<bytes>'}: SentencePiece model has an empty vocabulary")
@@ -109,8 +195,22 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(ids) for ids in self._processor.encode(list(texts), num_threads=os.cpu_count() or 1)]
 
+    def encode_infilling(self, texts: Sequence[str]) -> list[list[int]]:
+        head = self._sentinel_ids
+        encoded = self.encode_batch([_INFILLING_SENTINEL + text for text in texts])
+        for text, ids in zip(texts, encoded):
+            if ids[: len(head)] != head:  # the sentinel merged with the text: its ids cannot be cut off
+                raise TokenizerError(f"{self.path or '<bytes>'}: cannot encode {text[:20]!r} without a leading "
+                                     f"space: {_INFILLING_SENTINEL!r} merges with the text's first piece")
+        return [ids[len(head):] for ids in encoded]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._processor.decode(self._check_ids(ids))
+
+    def decode_infilling(self, ids: Sequence[int]) -> str:
+        # SentencePiece drops the leading space of the first piece; behind the sentinel there is none to drop.
+        text = self._processor.decode(self._sentinel_ids + self._check_ids(ids))
+        return text[len(_INFILLING_SENTINEL):]
 
     def special_id(self, token: str) -> int:
         token_id = self._processor.piece_to_id(token)
@@ -315,6 +415,7 @@ def train_sentencepiece(
     max_lines: int = 300_000,
     character_coverage: float = 0.99995,
     num_threads: int | None = None,
+    infilling: bool = False,
 ) -> SentencePieceTokenizer:
     """Train a Llama-2-like BPE SentencePiece model and write it atomically to `out_path`.
 
@@ -323,17 +424,21 @@ def train_sentencepiece(
     whitespace kept as is (indentation matters in code), unk/BOS/EOS = 0/1/2. The training lines
     are thinned by a fixed stride rather than SentencePiece's random sampling, so the same inputs
     always give the same model.
+
+    infilling: the last four of the `vocab_size` pieces are Code Llama's `INFILLING_PIECES`, as control pieces (BPE
+    learns the other `vocab_size - 4`), for fill-in-the-middle training and prompts (`llama_jax.infilling`).
     """
     import sentencepiece
 
     lines = _training_lines(inputs, max_lines)
     model = io.BytesIO()
+    added = INFILLING_PIECES if infilling else ()
     try:
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=iter(lines),
             model_writer=model,
             model_type="bpe",
-            vocab_size=vocab_size,
+            vocab_size=vocab_size - len(added),
             byte_fallback=True,
             split_digits=True,
             normalization_rule_name="identity",
@@ -355,10 +460,12 @@ def train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as error:
-        raise TokenizerError(f"SentencePiece training for {out_path} failed: {error}") from error
+        learned = f" (it learns vocab_size - {len(added)} pieces beside the infilling ones)" if added else ""
+        raise TokenizerError(f"SentencePiece training for {out_path} failed: {error}{learned}") from error
+    model_bytes = _with_appended_control_pieces(model.getvalue(), added) if added else model.getvalue()
     out = Path(out_path)
-    _write_atomically(out, model.getvalue())
-    return SentencePieceTokenizer(model.getvalue(), out)
+    _write_atomically(out, model_bytes)
+    return SentencePieceTokenizer(model_bytes, out)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
