@@ -16,6 +16,7 @@ import os
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -30,6 +31,20 @@ def median(values: Sequence[float]) -> float:
     if not values:
         raise ValueError("median of an empty sequence")
     return float(statistics.median(values))
+
+
+class StageTimes:
+    """Wall-clock seconds of an experiment's named stages, each printed to stderr as it ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, stage: str, function: Callable[..., object], *arguments: object) -> object:
+        start = time.perf_counter()
+        value = function(*arguments)
+        self.seconds[stage] = round(time.perf_counter() - start, 1)
+        print(f"{stage}: {self.seconds[stage]:.0f} s", file=sys.stderr, flush=True)
+        return value
 
 
 def matmul_flops(rows: int, inner: int, cols: int) -> float:

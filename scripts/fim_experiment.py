@@ -29,11 +29,12 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
+
+from llama_jax.perf import StageTimes
 
 WORDS = ("apple river stone cloud green seven table quiet music north orange silver window garden yellow winter "
          "forest candle rabbit mirror planet copper violet meadow").split()
@@ -107,14 +108,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     out = args.out.resolve()  # Orbax reads no checkpoint metadata under a relative path
     out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-
-    def timed(stage: str, function, *arguments):
-        start = time.perf_counter()
-        value = function(*arguments)
-        seconds[stage] = round(time.perf_counter() - start, 1)
-        print(f"{stage}: {seconds[stage]:.0f} s", file=sys.stderr, flush=True)
-        return value
+    stages = StageTimes()
+    timed, seconds = stages.run, stages.seconds
 
     rng, seen = random.Random(args.seed), set()
     train_docs = make_documents(args.train_documents, rng, seen)

@@ -17,9 +17,10 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from llama_jax.perf import StageTimes
 
 WORDS = ("apple river stone cloud green seven table quiet music north orange silver window garden yellow winter "
          "forest candle rabbit mirror planet copper violet meadow").split()
@@ -88,14 +89,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args.out.mkdir(parents=True, exist_ok=True)
 
     pretrain_dir, sft_dir = args.out / "pretrain", args.out / "sft"
-    seconds: dict[str, float] = {}
-
-    def timed(stage: str, function, *arguments):
-        start = time.perf_counter()
-        value = function(*arguments)
-        seconds[stage] = round(time.perf_counter() - start, 1)
-        print(f"{stage}: {seconds[stage]:.0f} s", file=sys.stderr, flush=True)
-        return value
+    stages = StageTimes()
+    timed, seconds = stages.run, stages.seconds
 
     if not args.reuse_pretrain:
         timed("pretrain", run, ["train.pretrain", args.base_config, f"run_dir={pretrain_dir}", *args.pretrain])
