@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llama_jax.chat_format import CHAT_STYLES, Message, dialog_prompt, generation_stop_ids
 from llama_jax.cli import add_model_arguments, run_program
@@ -193,13 +194,7 @@ def _main_infill(args: argparse.Namespace) -> int:
     results = infill_pairs(model, tokenizer, pairs, suffix_first=args.suffix_first,
                            max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                            batch_size=args.batch_size)
-    for index, result in enumerate(results):
-        if args.json:
-            print(json.dumps(result.__dict__, ensure_ascii=False), flush=True)
-        elif len(pairs) == 1:
-            print(result.middle, flush=True)
-        else:
-            print(f"=== {index + 1}\n{result.middle}", flush=True)
+    _print_results(results, lambda index, result: (f"=== {index + 1}", result.middle), len(pairs) == 1, args.json)
     return 0
 
 
@@ -223,14 +218,20 @@ def main(argv: Sequence[str]) -> int:
     results = complete(model, tokenizer, prompts, chat_format=args.chat_format, system=args.system,
                        max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                        batch_size=args.batch_size)
-    for index, result in enumerate(results):
-        if args.json:
-            print(json.dumps(result.__dict__, ensure_ascii=False), flush=True)
-        elif len(prompts) == 1:
-            print(result.completion, flush=True)
-        else:
-            print(f"=== {index + 1}: {result.prompt}\n{result.completion}", flush=True)
+    _print_results(results, lambda index, result: (f"=== {index + 1}: {result.prompt}", result.completion),
+                   len(prompts) == 1, args.json)
     return 0
+
+
+def _print_results(results: Iterable[Any], header_and_text: Callable[[int, Any], tuple[str, str]], single: bool,
+                   as_json: bool) -> None:
+    """As each result arrives: one JSON object, or the text alone (a single result), or the text under its header."""
+    for index, result in enumerate(results):
+        header, text = header_and_text(index, result)
+        if as_json:
+            print(json.dumps(result.__dict__, ensure_ascii=False), flush=True)
+        else:
+            print(text if single else f"{header}\n{text}", flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
