@@ -815,16 +815,22 @@ def build_tpu_report(config: Any, plan: dict[str, Any], target: TpuTarget, mfu: 
     }
 
 
+def _model_line(report: dict[str, Any], devices: str) -> str:
+    """A report's first line: the model, its size, the mesh and the devices it was planned for."""
+    mesh = report["mesh"]
+    return (f"{report['model']}: {report['parameters'] / 1e9:.2f}B parameters · mesh data={mesh['data']} "
+            f"fsdp={mesh['fsdp']} tensor={mesh['tensor']} · {devices}")
+
+
 def format_tpu_report(report: dict[str, Any]) -> str:
-    b, mesh, flops, line = report["bytes"], report["mesh"], report["flops"], report["roofline"]
+    b, flops, line = report["bytes"], report["flops"], report["roofline"]
     chips, hbm, available, compiler = (report["devices"], report["hbm_bytes"], report["hbm_available_bytes"],
                                        report["compiler"])
 
     exhausted = b.get("hbm_exhausted")
     verdict = "fits" if report["fits"] else "DOES NOT FIT"
     lines = [
-        f"{report['model']}: {report['parameters'] / 1e9:.2f}B parameters · mesh data={mesh['data']} "
-        f"fsdp={mesh['fsdp']} tensor={mesh['tensor']} · {chips} chips of {report['chip']} ({report['target']})",
+        _model_line(report, f"{chips} chips of {report['chip']} ({report['target']})"),
         _batch_line(report, "chip"),
         f"  compiler: {compiler}, on this machine for {report['target']}'s compile-only devices: the real train "
         f"step from abstract shapes (nothing allocated), {report['compile_seconds']:.0f} s",
@@ -943,13 +949,12 @@ def build_report(config: Any, plan: dict[str, Any], accelerator: Accelerator, mf
 
 
 def format_report(report: dict[str, Any], accelerator: Accelerator) -> str:
-    b, mesh, flops = report["bytes"], report["mesh"], report["flops"]
+    b, flops = report["bytes"], report["flops"]
     devices, usable = report["devices"], report["usable_bytes"]
 
     verdict = "fits" if report["fits"] else "DOES NOT FIT"
     lines = [
-        f"{report['model']}: {report['parameters'] / 1e9:.2f}B parameters · mesh data={mesh['data']} "
-        f"fsdp={mesh['fsdp']} tensor={mesh['tensor']} · {devices} devices",
+        _model_line(report, f"{devices} devices"),
         _batch_line(report, "device"),
         f"  compiler: {report['compiler']}, for {devices} simulated CPU devices standing in for the GPUs: the real "
         f"train step from abstract shapes (nothing allocated), {report['compile_seconds']:.0f} s",
