@@ -60,6 +60,7 @@ CONFIG_FILE = "config.json"
 CORRUPT_SUFFIX = ".corrupt"
 CORRUPT_NOTE = "CORRUPT.txt"
 TMP_MARKER = ".orbax-checkpoint-tmp"
+_SAVE_POLL_SECONDS = 0.05  # how late a signal may be handled while a save is awaited
 PREEMPTED_EXIT_STATUS = 75  # EX_TEMPFAIL (sysexits.h): stopped on a signal with a complete checkpoint; run again
 
 logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save and restore at INFO
@@ -179,6 +180,11 @@ class RunCheckpoints:
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is complete on disk."""
+        # Poll rather than join Orbax's finalize thread at once: the kernel may hand a process-wide SIGTERM to any
+        # thread, and CPython runs the Python handler only when the main thread next runs bytecode, so a main thread
+        # parked in join() would hold a second signal's "abort now" until the save it should abort had finished.
+        while self.manager.is_saving_in_progress():
+            time.sleep(_SAVE_POLL_SECONDS)
         self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
