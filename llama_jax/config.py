@@ -229,6 +229,7 @@ class DataConfig:
     path: str | None = None  # None = the default corpus (the Python standard library's sources)
     tokenizer: str | None = None  # None = a SentencePiece model trained on the corpus and cached
     valid_path: str | None = None
+    text_field: str = "text"  # the JSON field / Parquet column holding each record's text (llama_jax/documents.py)
     # Fill-in-the-middle (pretraining; llama_jax/infilling.py): the share of training documents split into prefix,
     # middle and suffix (Code Llama: 0.9; 0 = off), and the share of those laid out suffix-first.
     fim_rate: float = 0.0
@@ -237,6 +238,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         for name in ("fim_rate", "fim_spm_rate"):
             _require(0 <= getattr(self, name) <= 1, f"data.{name}", getattr(self, name), "a number in [0, 1]")
+        _require(isinstance(self.text_field, str) and bool(self.text_field), "data.text_field", self.text_field,
+                 "the name of a JSON field or Parquet column")
 
 
 @dataclass(frozen=True)

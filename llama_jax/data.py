@@ -2,7 +2,8 @@
 
 Token store
 -----------
-Sources (plain text files, JSONL files with a "text" field, directories or globs of them) are
+Sources (text files, JSON lines — plain, gzip'd or zstd-compressed — and Parquet files with a text field or
+column, directories or globs of them; `llama_jax.documents` reads each record by record) are
 tokenized once into a directory holding two TensorStore zarr3 arrays, chunked and zstd-compressed:
 
     tokens    1-D, every document's tokens back to back (uint16 if the vocabulary fits, else uint32);
@@ -58,16 +59,15 @@ from typing import Literal
 import numpy as np
 import tensorstore as ts
 
+from llama_jax.documents import DEFAULT_TEXT_FIELD, SOURCE_SUFFIXES, read_documents
 from llama_jax.errors import DataError
 from llama_jax.infilling import FimTransform
-from llama_jax.jsonl import read_jsonl, utf8_text
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 PathLike = str | os.PathLike[str]
 
 STORE_FORMAT = "llama_jax.token_store/1"
 DEFAULT_SEQ_LEN = 4096
-SOURCE_SUFFIXES = (".txt", ".jsonl")
 MANIFEST_NAME = "manifest.json"
 _CHUNK_TOKENS = 1 << 18  # 512 KiB of uint16 per chunk: small enough for cheap random reads
 _ENCODE_BATCH_CHARS = 8 << 20  # characters handed to the tokenizer's threads at a time
@@ -100,7 +100,7 @@ def _expand_source(entry: str, suffixes: Sequence[str]) -> list[Path]:
         return matches
     path = Path(entry)
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(tuple(suffixes)))
         if not found:
             raise DataError(f"{path}: directory has no {' or '.join(suffixes)} files")
         return found
@@ -114,8 +114,10 @@ SINGLE_TEXT_HELD_OUT_FRACTION = 0.1  # as nanoGPT splits a one-file corpus (shak
 HELD_OUT_RULE = "documents by sha256(text)[:8] % 1000 < 10, at least one; one text: its last 10% from a line start"
 
 
-def corpus_documents(paths: Sequence[Path], part: SplitPart | None = None) -> Iterator[tuple[int, str]]:
+def corpus_documents(paths: Sequence[Path], part: SplitPart | None = None,
+                     text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[tuple[int, str]]:
     """(source index, text) of every document of `paths`, in order; with `part`, one side of the held-out split.
+    `text_field` names the JSON field or Parquet column that holds a record's text.
 
     The held-out split, for a corpus given without validation files: a document is held out when the first 8 bytes
     of the sha256 of its text, mod 1000, fall below VALIDATION_PER_MILLE — so the split follows the text, not where
@@ -125,11 +127,11 @@ def corpus_documents(paths: Sequence[Path], part: SplitPart | None = None) -> It
     """
     if part is None:
         for source_index, path in enumerate(paths):
-            for text in read_documents(path):
+            for text in read_documents(path, text_field):
                 yield source_index, text
         return
-    held_out = _held_out_digests(paths)
-    for source_index, text in corpus_documents(paths):
+    held_out = _held_out_digests(paths, text_field)
+    for source_index, text in corpus_documents(paths, text_field=text_field):
         if held_out is None:
             kept = _split_one_text(text, paths[source_index])[part == "valid"]
         else:
@@ -142,9 +144,9 @@ def _text_digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
-def _held_out_digests(paths: Sequence[Path]) -> frozenset[bytes] | None:
+def _held_out_digests(paths: Sequence[Path], text_field: str) -> frozenset[bytes] | None:
     """The digests of the held-out documents, or None when the corpus has only one distinct text."""
-    digests = {_text_digest(text) for _, text in corpus_documents(paths) if text}
+    digests = {_text_digest(text) for _, text in corpus_documents(paths, text_field=text_field) if text}
     if not digests:
         raise DataError(f"empty corpus: {len(paths)} source file(s) contain no text (first: {paths[0]})")
     if len(digests) == 1:
@@ -174,28 +176,6 @@ def _split_one_text(text: str, path: Path) -> tuple[str, str]:
     if line_start > len(text) // 2:  # hold out whole lines, unless that would take half the text
         cut = line_start
     return text[:cut], text[cut:]
-
-
-def read_documents(path: Path) -> list[str]:
-    """The documents of one source: a JSONL file's "text" fields, or a whole text file as one document."""
-    if path.suffix == ".jsonl":
-        return list(_jsonl_texts(path))
-    return [_read_utf8(path)]
-
-
-def _read_utf8(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise DataError(f"{path}: cannot read source ({error.strerror or error})") from error
-    return utf8_text(data, path)
-
-
-def _jsonl_texts(path: Path) -> Iterator[str]:
-    for line_number, record in read_jsonl(path, "source"):
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{path}:{line_number}: JSON line has no string field 'text'")
-        yield record["text"]
 
 
 def _describe_sources(paths: Sequence[Path]) -> list[dict]:
@@ -349,13 +329,13 @@ class _ArrayAppender:
         self._pending, self._pending_items = [], 0
 
 
-def _encoded_batches(paths: Sequence[Path], tokenizer: Tokenizer,
-                     part: SplitPart | None) -> Iterator[tuple[list[int], list[list[int]]]]:
+def _encoded_batches(paths: Sequence[Path], tokenizer: Tokenizer, part: SplitPart | None,
+                     text_field: str) -> Iterator[tuple[list[int], list[list[int]]]]:
     """(source index of each document, token ids of each document), in batches the tokenizer runs on its threads."""
     batch_sources: list[int] = []
     batch_texts: list[str] = []
     batch_chars = 0
-    for source_index, text in corpus_documents(paths, part):
+    for source_index, text in corpus_documents(paths, part, text_field):
         batch_sources.append(source_index)
         batch_texts.append(text)
         batch_chars += len(text)
@@ -366,7 +346,8 @@ def _encoded_batches(paths: Sequence[Path], tokenizer: Tokenizer,
         yield batch_sources, tokenizer.encode_batch(batch_texts)
 
 
-def _write_arrays(location: _Location, paths: Sequence[Path], tokenizer: Tokenizer, part: SplitPart | None) -> dict:
+def _write_arrays(location: _Location, paths: Sequence[Path], tokenizer: Tokenizer, part: SplitPart | None,
+                  text_field: str) -> dict:
     """Tokenize every source into tokens/offsets arrays at `location`; returns the counts for the manifest.
 
     Documents that tokenize to nothing (empty texts) are left out: framed, they would be a bare BOS EOS.
@@ -376,7 +357,7 @@ def _write_arrays(location: _Location, paths: Sequence[Path], tokenizer: Tokeniz
     offsets.append(np.zeros(1, np.int64))
     documents_per_source = np.zeros(len(paths), np.int64)
     num_tokens = 0
-    for sources, encoded in _encoded_batches(paths, tokenizer, part):
+    for sources, encoded in _encoded_batches(paths, tokenizer, part, text_field):
         kept = [index for index, ids in enumerate(encoded) if ids]
         if not kept:
             continue
@@ -397,7 +378,7 @@ def _write_arrays(location: _Location, paths: Sequence[Path], tokenizer: Tokeniz
     }
 
 
-def _inputs_manifest(paths: Sequence[Path], tokenizer: Tokenizer, part: SplitPart | None) -> dict:
+def _inputs_manifest(paths: Sequence[Path], tokenizer: Tokenizer, part: SplitPart | None, text_field: str) -> dict:
     """The part of the manifest that decides whether a store is still valid."""
     return {
         "format": STORE_FORMAT,
@@ -409,6 +390,7 @@ def _inputs_manifest(paths: Sequence[Path], tokenizer: Tokenizer, part: SplitPar
         },
         "token_dtype": _token_dtype(tokenizer.vocab_size).name,
         "sources": _describe_sources(paths),
+        "text_field": text_field,
         "held_out_split": None if part is None else {"part": part, "rule": HELD_OUT_RULE},
     }
 
@@ -425,14 +407,17 @@ def build_store(
     force: bool = False,
     part: SplitPart | None = None,
     fim: FimTransform | None = None,
+    text_field: str = DEFAULT_TEXT_FIELD,
 ) -> TokenStore:
     """Tokenize `sources` into a token store at `out_dir` (local path or URL), unless an up-to-date one is there.
 
     part: 'train' or 'valid' to store one side of the corpus's held-out split (`corpus_documents`), None for all.
     fim: store documents fill-in-the-middle transformed (`llama_jax.infilling`); the manifest records the settings.
+    text_field: the JSON field or Parquet column holding each record's text (`llama_jax.documents`).
     """
     paths = resolve_sources(sources)
-    expected = {**_inputs_manifest(paths, tokenizer, part), "fim": None if fim is None else fim.manifest()}
+    expected = {**_inputs_manifest(paths, tokenizer, part, text_field),
+                "fim": None if fim is None else fim.manifest()}
     writer = tokenizer if fim is None else fim.encoder(tokenizer)  # what encodes the documents
     location = _Location(str(out_dir))
     with _build_lock(location):
@@ -456,7 +441,7 @@ def _build_local(location: _Location, paths: Sequence[Path], tokenizer: Tokenize
     staging = _Location(str(parent / f".{name}.building-{uuid.uuid4().hex}"))
     try:
         staging.path.mkdir(parents=True)
-        counts = _write_arrays(staging, paths, tokenizer, part)
+        counts = _write_arrays(staging, paths, tokenizer, part, expected["text_field"])
         staging.write_manifest({**expected, **counts})
         retired = parent / f".{name}.old-{uuid.uuid4().hex}"
         if location.path.exists():
@@ -471,7 +456,7 @@ def _build_at_url(location: _Location, paths: Sequence[Path], tokenizer: Tokeniz
                   part: SplitPart | None) -> None:
     """Object stores have no rename: un-commit (delete the manifest), write arrays, commit (write the manifest)."""
     location.delete_manifest()
-    counts = _write_arrays(location, paths, tokenizer, part)
+    counts = _write_arrays(location, paths, tokenizer, part, expected["text_field"])
     location.write_manifest({**expected, **counts})
 
 

@@ -59,8 +59,10 @@ def _prepare_pretraining_data(config: RunConfig, run_dir: Path) -> PretrainingDa
             except TokenizerError as error:
                 raise ConfigError(f"data.fim_rate={config.data.fim_rate}: {error}") from None
         store_dir = run_dir / "token_store"
-        train = build_store(train_part[0], tokenizer, store_dir / "train", part=train_part[1], fim=fim)
-        valid = build_store(valid_part[0], tokenizer, store_dir / "valid", part=valid_part[1])
+        field = config.data.text_field
+        train = build_store(train_part[0], tokenizer, store_dir / "train", part=train_part[1], fim=fim,
+                            text_field=field)
+        valid = build_store(valid_part[0], tokenizer, store_dir / "valid", part=valid_part[1], text_field=field)
     if tokenizer.vocab_size > vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size}); token ids would fall outside the embedding table")
@@ -74,7 +76,8 @@ def _tokenizer_for(config: RunConfig, files: list[Path], part: SplitPart | None,
     path = run_dir / "tokenizer.model"
     if path.exists():
         return load_tokenizer(path)
-    texts = [text for _, text in corpus_documents(files, part)]  # the documents' text, not the files' JSON
+    # the documents' text, not the files' JSON
+    texts = [text for _, text in corpus_documents(files, part, config.data.text_field)]
     if not any(text.strip() for text in texts):
         raise DataError(f"no documents to train on: data.path={config.data.path!r} "
                         f"({', '.join(map(str, files))}) holds no text")

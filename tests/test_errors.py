@@ -170,7 +170,8 @@ def test_pretrain_writes_nothing_when_its_data_is_rejected(tmp_path, case):
     status, stdout, stderr = run_in_process("train.pretrain", ["configs/tiny.yaml", *TINY, f"data.path={corpus}",
                                                                f"run_dir={run_dir}"])
     expected = {"missing": f"{corpus}: no such source file",
-                "bad-line": f"{corpus}:3: JSON line has no string field 'text'"}[case]
+                "bad-line": f"{corpus}:3: JSON line has no string field 'text' (its fields: 'txt'; choose one with "
+                            "data.text_field)"}[case]
     assert (status, stderr) == (2, f"error: {expected}\n")
     assert not run_dir.exists()
 
