@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,11 +226,28 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class MixtureSource:
+    """One source of a data mixture (`data.mixture`, llama_jax.data.Mixture)."""
+
+    path: str | None = None  # files, a folder or a glob, as data.path
+    weight: float | None = None  # its share of the training windows, relative to the others' (they need not sum to 1)
+    name: str | None = None  # how reports call it; None = the path
+    text_field: str | None = None  # None = data.text_field
+    valid_path: str | None = None  # None = hold out documents of `path`, as without a mixture
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.path)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     path: str | None = None  # None = the default corpus (the Python standard library's sources)
     tokenizer: str | None = None  # None = a SentencePiece model trained on the corpus and cached
     valid_path: str | None = None
     text_field: str = "text"  # the JSON field / Parquet column holding each record's text (llama_jax/documents.py)
+    # Several sources drawn by weight instead of data.path: a list of {path, weight, name, text_field, valid_path}.
+    mixture: list[MixtureSource] | None = None
     # Fill-in-the-middle (pretraining; llama_jax/infilling.py): the share of training documents split into prefix,
     # middle and suffix (Code Llama: 0.9; 0 = off), and the share of those laid out suffix-first.
     fim_rate: float = 0.0
@@ -240,6 +258,23 @@ class DataConfig:
             _require(0 <= getattr(self, name) <= 1, f"data.{name}", getattr(self, name), "a number in [0, 1]")
         _require(isinstance(self.text_field, str) and bool(self.text_field), "data.text_field", self.text_field,
                  "the name of a JSON field or Parquet column")
+        if self.mixture is not None:
+            self._check_mixture()
+
+    def _check_mixture(self) -> None:
+        _require(self.path is None and self.valid_path is None, "data.mixture", "[...]",
+                 "either data.path (and data.valid_path) or data.mixture, not both (a mixture's sources carry "
+                 "their own path and valid_path)")
+        _require(len(self.mixture) > 0, "data.mixture", [], "a list of at least one {path, weight} source")
+        for index, source in enumerate(self.mixture):
+            key = f"data.mixture[{index}]"
+            _require(bool(source.path), f"{key}.path", source.path, "the files, folder or glob of this source")
+            weight = source.weight
+            _require(weight is not None and math.isfinite(weight) and weight > 0, f"{key}.weight", weight,
+                     "a positive number (its share of the training windows relative to the other sources)")
+        labels = [source.label for source in self.mixture]
+        duplicated = sorted({label for label in labels if labels.count(label) > 1})
+        _require(not duplicated, "data.mixture", duplicated, "sources with distinct names (give each a name)")
 
 
 @dataclass(frozen=True)
@@ -524,9 +559,19 @@ def _reword(error: OmegaConfBaseException, cls: type, prefix: str) -> str:
     message = str(error).splitlines()[0]
     if "not in" in message or "Key '" in message and "not" in message:
         parent = _dataclass_at(cls, full_key.rsplit(".", 1)[0] if "." in full_key else "")
+        inside = re.search(r"not in '(\w+)'", message)  # an item of a list of dataclasses: OmegaConf names its class
+        if inside and dataclasses.is_dataclass(globals().get(inside.group(1))) and (
+                parent is None or parent.__name__ != inside.group(1)):
+            item = globals()[inside.group(1)]
+            allowed = sorted(f.name for f in dataclasses.fields(item))
+            return f"unknown config key {full_key!r} in a {_LIST_ITEMS.get(item, item.__name__)} entry: allowed keys " \
+                   f"there are {allowed}"
         allowed = sorted(f.name for f in dataclasses.fields(parent)) if parent else []
         return f"unknown config key {key!r}: allowed keys here are {allowed}"
     return f"config key {key!r}: {message}"
+
+
+_LIST_ITEMS = {MixtureSource: "data.mixture"}  # dataclasses that configs hold in lists, by the list's key
 
 
 def _dataclass_at(cls: type, dotted: str) -> type | None:

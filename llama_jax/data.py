@@ -47,6 +47,7 @@ import glob
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -654,6 +655,107 @@ def _assemble_window(store: TokenStore, pieces: _Pieces) -> tuple[np.ndarray, np
     return tokens, segment, positions
 
 
+class Mixture:
+    """Several token stores drawn by weight, as Llama 3 tuned its data mix: window w of the run's stream comes from
+    one source's own packed stream, so every source keeps the store's guarantees (no document dropped or padded,
+    epochs by (seed, epoch) order) and batch k stays a pure function of (stores, weights, seed, k).
+
+    Windows are dealt in blocks of MIX_BLOCK_WINDOWS: a block gives each source its share of the windows, rounded by
+    largest remainder (so the mix drawn over any whole block is the configured one to within one window), in an
+    order fixed by (seed, block). Where window w comes from, and which window of that source's stream it is, is
+    computed from its block alone: any step can be produced without replaying the ones before it.
+    """
+
+    def __init__(self, names: Sequence[str], stores: Sequence[TokenStore], weights: Sequence[float]):
+        if not (len(names) == len(stores) == len(weights)) or not names:
+            raise DataError("a mixture needs one name, store and weight per source, and at least one source")
+        for name, weight in zip(names, weights):
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+                raise DataError(f"mixture source {name!r}: weight {weight!r} is not a positive number")
+        fingerprints = {store.tokenizer_fingerprint for store in stores}
+        if len(fingerprints) > 1:
+            raise DataError(f"mixture sources were tokenized with different tokenizers: {sorted(fingerprints)}")
+        self.names, self.stores = tuple(names), tuple(stores)
+        total = float(sum(weights))
+        self.weights = tuple(weight / total for weight in weights)
+        self.windows_per_block = _largest_remainder(self.weights, MIX_BLOCK_WINDOWS)
+        for name, weight, count in zip(self.names, self.weights, self.windows_per_block):
+            if count == 0:
+                raise DataError(f"mixture source {name!r}: weight {weight:.2e} of the total is below one window in "
+                                f"{MIX_BLOCK_WINDOWS}; raise it or leave the source out")
+        self._blocks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        first = stores[0]
+        self.vocab_size, self.bos_id, self.eos_id = first.vocab_size, first.bos_id, first.eos_id
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(store.num_tokens for store in self.stores)
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.stores[0].tokenizer_fingerprint
+
+    def locate(self, seed: int, window: int) -> tuple[int, int]:
+        """(source index, window index in that source's own stream) of the run's window `window`."""
+        block, slot = divmod(window, MIX_BLOCK_WINDOWS)
+        sources, ranks = self._block(seed, block)
+        source = int(sources[slot])
+        return source, block * self.windows_per_block[source] + int(ranks[slot])
+
+    def windows_drawn(self, seed: int, windows: int) -> np.ndarray:
+        """How many of the run's first `windows` windows each source gave: the mix actually drawn."""
+        whole_blocks, partial = divmod(windows, MIX_BLOCK_WINDOWS)
+        counts = whole_blocks * np.asarray(self.windows_per_block, np.int64)
+        if partial:
+            counts += np.bincount(self._block(seed, whole_blocks)[0][:partial], minlength=len(self.stores))
+        return counts
+
+    def describe_drawn(self, seed: int, windows: int) -> str:
+        """One line: each source's share of the first `windows` windows against its configured weight."""
+        drawn = self.windows_drawn(seed, windows)
+        parts = [f"{name} {count / max(1, windows):.1%} ({count:,} windows; weight {weight:.1%})"
+                 for name, count, weight in zip(self.names, drawn.tolist(), self.weights)]
+        return f"data mix drawn over {windows:,} windows: " + " · ".join(parts)
+
+    def _block(self, seed: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per slot of one block: its source, and how many earlier slots of the block that source already had."""
+        key = (seed, block)
+        if key not in self._blocks:
+            if len(self._blocks) >= 4:
+                self._blocks.pop(next(iter(self._blocks)))
+            order = epoch_document_order(MIX_BLOCK_WINDOWS, seed ^ _MIX_SALT, block)
+            sources = np.empty(MIX_BLOCK_WINDOWS, np.int64)
+            sources[order] = np.repeat(np.arange(len(self.stores)), self.windows_per_block)
+            ranks = np.empty(MIX_BLOCK_WINDOWS, np.int64)
+            for source in range(len(self.stores)):
+                slots = np.flatnonzero(sources == source)
+                ranks[slots] = np.arange(len(slots))
+            self._blocks[key] = (sources, ranks)
+        return self._blocks[key]
+
+
+MIX_BLOCK_WINDOWS = 4096
+_MIX_SALT = 0x6D69787475726573  # "mixtures": the mixture's deal differs from any store's epoch order
+
+
+def _largest_remainder(shares: Sequence[float], total: int) -> list[int]:
+    """Integers proportional to `shares` summing to `total` (Hamilton's method; ties to the earlier source)."""
+    exact = [share * total for share in shares]
+    counts = [math.floor(value) for value in exact]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for index in by_remainder[: total - sum(counts)]:
+        counts[index] += 1
+    return counts
+
+
+def _window(source: TokenStore | Mixture, seed: int, window: int, seq_len: int):
+    """(tokens, segment ids, positions) of the run's window `window`: seq_len + 1 tokens of the packed stream."""
+    if isinstance(source, Mixture):
+        index, window = source.locate(seed, window)
+        source = source.stores[index]
+    return _assemble_window(source, _window_pieces(source, seed, window * seq_len, seq_len + 1))
+
+
 def process_rows(global_batch: int, process_index: int, process_count: int) -> range:
     """The rows of the global batch that one process produces: [i*B/P, (i+1)*B/P)."""
     if process_count < 1 or not 0 <= process_index < process_count:
@@ -665,7 +767,7 @@ def process_rows(global_batch: int, process_index: int, process_count: int) -> r
 
 
 def batch_for_step(
-    store: TokenStore,
+    store: TokenStore | Mixture,
     step: int,
     global_batch: int,
     seq_len: int = DEFAULT_SEQ_LEN,
@@ -680,9 +782,9 @@ def batch_for_step(
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len}")
     rows = process_rows(global_batch, process_index, process_count)
-    # Row r of step k is window k*B + r, i.e. stream[(k*B + r) * seq_len :][: seq_len + 1].
-    window_starts = [(step * global_batch + row) * seq_len for row in rows]
-    windows = [_assemble_window(store, _window_pieces(store, seed, start, seq_len + 1)) for start in window_starts]
+    # Row r of step k is window k*B + r, i.e. stream[(k*B + r) * seq_len :][: seq_len + 1] (of a mixture: of the
+    # stream of the source that window was dealt to).
+    windows = [_window(store, seed, step * global_batch + row, seq_len) for row in rows]
     tokens = np.stack([window[0] for window in windows])
     segments = np.stack([window[1] for window in windows])
     positions = np.stack([window[2] for window in windows])
@@ -700,20 +802,31 @@ def batch_for_step(
 # --------------------------------------------------------------------------------------------
 
 
-def unigram_entropy(store: TokenStore) -> float:
+def unigram_entropy(store: TokenStore | Mixture) -> float:
     """Entropy in nats per token of the corpus's unigram distribution over training targets.
 
     Targets are every document token plus one EOS per document (BOS is never a target), so this is
     the loss of the best model that ignores context: a trained model's validation loss must beat it.
+    A mixture's is that of its sources' distributions weighted by their shares.
     """
+    if isinstance(store, Mixture):
+        counts = [_unigram_counts(source) for source in store.stores]
+        mixed = sum(weight * count / count.sum() for weight, count in zip(store.weights, counts))
+        probabilities = mixed[mixed > 0]
+        return float(-(probabilities * np.log(probabilities)).sum())
+    counts = _unigram_counts(store)
+    probabilities = counts[counts > 0] / counts.sum()
+    return float(-(probabilities * np.log(probabilities)).sum())
+
+
+def _unigram_counts(store: TokenStore) -> np.ndarray:
     counts = np.zeros(store.vocab_size, np.int64)
     chunk = 1 << 24
     for start in range(0, store.num_tokens, chunk):
         values = store.read_tokens(start, min(start + chunk, store.num_tokens))
         counts += np.bincount(values, minlength=store.vocab_size)
     counts[store.eos_id] += store.num_documents
-    probabilities = counts[counts > 0] / counts.sum()
-    return float(-(probabilities * np.log(probabilities)).sum())
+    return counts
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import jax
 
 from llama_jax.config import RunConfig
 from llama_jax.data import (
+    Mixture,
     SplitPart,
     TokenStore,
     batch_for_step,
@@ -20,7 +21,7 @@ from llama_jax.data import (
 )
 from llama_jax.distributed import process_zero_first
 from llama_jax.errors import ConfigError, DataError, TokenizerError
-from llama_jax.infilling import fim_transform
+from llama_jax.infilling import FimTransform, fim_transform
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from llama_jax.trainer import Trainer
 
@@ -28,8 +29,8 @@ from llama_jax.trainer import Trainer
 @dataclass(frozen=True)
 class PretrainingData:
     tokenizer: Tokenizer
-    train: TokenStore
-    valid: TokenStore
+    train: TokenStore | Mixture
+    valid: TokenStore | Mixture
 
 
 def prepare_pretraining_data(config: RunConfig, run_dir: Path) -> PretrainingData:
@@ -41,52 +42,91 @@ def prepare_pretraining_data(config: RunConfig, run_dir: Path) -> PretrainingDat
         return _prepare_pretraining_data(config, run_dir)
 
 
+@dataclass(frozen=True)
+class _Source:
+    """One source of the run's text: its files, the split each store reads from them, and its text field."""
+
+    label: str
+    train: tuple[list[Path], SplitPart | None]  # files, and which side of their held-out split (None: all)
+    valid: tuple[list[Path], SplitPart | None]
+    text_field: str
+    weight: float = 1.0
+
+
 def _prepare_pretraining_data(config: RunConfig, run_dir: Path) -> PretrainingData:
     vocab_size = config.model.vocab_size
     fim = fim_transform(config)  # only the training store is transformed: validation loss stays comparable
-    if config.data.path is None:
+    if config.data.path is None and config.data.mixture is None:
         tokenizer, train, valid = load_default_corpus(vocab_size, fim=fim)
     else:
-        sources = resolve_sources(config.data.path)
-        if config.data.valid_path is not None:
-            train_part, valid_part = (sources, None), (resolve_sources(config.data.valid_path), None)
-        else:  # hold out documents of data.path (`data.corpus_documents` says which)
-            train_part, valid_part = (sources, "train"), (sources, "valid")
-        tokenizer = _tokenizer_for(config, *train_part, run_dir, vocab_size, infilling=fim is not None)
+        sources = _sources(config)
+        tokenizer = _tokenizer_for(config, sources, run_dir, vocab_size, infilling=fim is not None)
         if fim is not None:
             try:
                 tokenizer.infilling_ids()
             except TokenizerError as error:
                 raise ConfigError(f"data.fim_rate={config.data.fim_rate}: {error}") from None
         store_dir = run_dir / "token_store"
-        field = config.data.text_field
-        train = build_store(train_part[0], tokenizer, store_dir / "train", part=train_part[1], fim=fim,
-                            text_field=field)
-        valid = build_store(valid_part[0], tokenizer, store_dir / "valid", part=valid_part[1], text_field=field)
+        if config.data.mixture is None:
+            train, valid = _stores(sources[0], tokenizer, store_dir, fim)
+        else:  # one pair of stores per source, drawn by weight (data.Mixture)
+            pairs = [_stores(source, tokenizer, store_dir / f"mixture-{index}", fim)
+                     for index, source in enumerate(sources)]
+            labels, weights = [source.label for source in sources], [source.weight for source in sources]
+            train = Mixture(labels, [pair[0] for pair in pairs], weights)
+            valid = Mixture(labels, [pair[1] for pair in pairs], weights)
     if tokenizer.vocab_size > vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size}); token ids would fall outside the embedding table")
     return PretrainingData(tokenizer, train, valid)
 
 
-def _tokenizer_for(config: RunConfig, files: list[Path], part: SplitPart | None, run_dir: Path,
-                   vocab_size: int, infilling: bool = False) -> Tokenizer:
+def _sources(config: RunConfig) -> list[_Source]:
+    """data.path (with data.valid_path) as one source, or each entry of data.mixture."""
+    data = config.data
+    if data.mixture is None:
+        return [_source("data", data.path, data.valid_path, data.text_field)]
+    return [_source(entry.label, entry.path, entry.valid_path, entry.text_field or data.text_field, entry.weight)
+            for entry in data.mixture]
+
+
+def _source(label: str, path: str, valid_path: str | None, text_field: str, weight: float = 1.0) -> _Source:
+    files = resolve_sources(path)
+    if valid_path is not None:
+        return _Source(label, (files, None), (resolve_sources(valid_path), None), text_field, weight)
+    # hold out documents of the path (`data.corpus_documents` says which)
+    return _Source(label, (files, "train"), (files, "valid"), text_field, weight)
+
+
+def _stores(source: _Source, tokenizer: Tokenizer, store_dir: Path,
+            fim: FimTransform | None) -> tuple[TokenStore, TokenStore]:
+    train = build_store(source.train[0], tokenizer, store_dir / "train", part=source.train[1], fim=fim,
+                        text_field=source.text_field)
+    valid = build_store(source.valid[0], tokenizer, store_dir / "valid", part=source.valid[1],
+                        text_field=source.text_field)
+    return train, valid
+
+
+def _tokenizer_for(config: RunConfig, sources: list[_Source], run_dir: Path, vocab_size: int,
+                   infilling: bool = False) -> Tokenizer:
     if config.data.tokenizer is not None:
         return load_tokenizer(config.data.tokenizer)
     path = run_dir / "tokenizer.model"
     if path.exists():
         return load_tokenizer(path)
-    # the documents' text, not the files' JSON
-    texts = [text for _, text in corpus_documents(files, part, config.data.text_field)]
+    # the documents' text, not the files' JSON; every source's training side
+    texts = [text for source in sources
+             for _, text in corpus_documents(source.train[0], source.train[1], source.text_field)]
     if not any(text.strip() for text in texts):
-        raise DataError(f"no documents to train on: data.path={config.data.path!r} "
-                        f"({', '.join(map(str, files))}) holds no text")
+        files = [file for source in sources for file in source.train[0]]
+        where = f"data.path={config.data.path!r}" if config.data.mixture is None else "data.mixture"
+        raise DataError(f"no documents to train on: {where} ({', '.join(map(str, files))}) holds no text")
     print(f"training a SentencePiece tokenizer ({vocab_size} pieces) on {len(texts)} documents → {path}",
           file=sys.stderr)
     return train_sentencepiece(texts, path, vocab_size, infilling=infilling)
 
 
-def global_batch(trainer: Trainer, store: TokenStore, index: int, batch_size: int, seq_len: int, seed: int,
+def global_batch(trainer: Trainer, store: TokenStore | Mixture, index: int, batch_size: int, seq_len: int, seed: int,
                  document_masking: bool) -> dict[str, jax.Array]:
     """Batch `index` as global jax.Arrays; each process reads and places only its own rows."""
     local = batch_for_step(store, index, batch_size, seq_len, seed, jax.process_index(), jax.process_count())

@@ -20,7 +20,7 @@ import jax
 from llama_jax import distributed
 from llama_jax.cli import removed_on_error, run_program
 from llama_jax.config import RunConfig, load_config, to_yaml
-from llama_jax.data import unigram_entropy
+from llama_jax.data import Mixture, unigram_entropy
 from llama_jax.metrics import StartClock
 from llama_jax.pretraining_data import global_batch, prepare_pretraining_data
 from llama_jax.run_loop import enable_compilation_cache, keep_tokenizer, peak_flops, train, write_run_config
@@ -70,10 +70,13 @@ def main(argv: Sequence[str]) -> int:
         print(f"model: {config.model.num_params():,} parameters · mesh {dict(mesh.shape)} · "
               f"{batch_size}×{seq_len} tokens per step · {data.train.num_tokens:,} training tokens",
               file=sys.stderr)
-    train(trainer, config, run_dir, train_batch, eval_batch, peak_flops(config, mesh.size),
-          init_state=lambda: trainer.init_state(seed), start_clock=clock)
+    state = train(trainer, config, run_dir, train_batch, eval_batch, peak_flops(config, mesh.size),
+                  init_state=lambda: trainer.init_state(seed), start_clock=clock)
 
     if jax.process_index() == 0:
+        if isinstance(data.train, Mixture):  # every batch index the run asked for, skipped ones included
+            batches = int(jax.device_get(state.step)) + int(jax.device_get(state.data_skip))
+            print(data.train.describe_drawn(seed, batches * batch_size), file=sys.stderr)
         summary = summarize(run_dir, unigram_entropy(data.valid))
         print(summary)
     return 0
