@@ -248,6 +248,9 @@ class DataConfig:
     text_field: str = "text"  # the JSON field / Parquet column holding each record's text (llama_jax/documents.py)
     # Several sources drawn by weight instead of data.path: a list of {path, weight, name, text_field, valid_path}.
     mixture: list[MixtureSource] | None = None
+    # Processes that tokenize the token store (datatrove's local executor; llama_jax/parallel_tokenize.py); 1 = this
+    # process alone. The store is byte-identical either way.
+    build_workers: int = 1
     # Fill-in-the-middle (pretraining; llama_jax/infilling.py): the share of training documents split into prefix,
     # middle and suffix (Code Llama: 0.9; 0 = off), and the share of those laid out suffix-first.
     fim_rate: float = 0.0
@@ -258,6 +261,7 @@ class DataConfig:
             _require(0 <= getattr(self, name) <= 1, f"data.{name}", getattr(self, name), "a number in [0, 1]")
         _require(isinstance(self.text_field, str) and bool(self.text_field), "data.text_field", self.text_field,
                  "the name of a JSON field or Parquet column")
+        _require(self.build_workers >= 1, "data.build_workers", self.build_workers, "an integer >= 1")
         if self.mixture is not None:
             self._check_mixture()
 

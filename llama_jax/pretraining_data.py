@@ -68,9 +68,9 @@ def _prepare_pretraining_data(config: RunConfig, run_dir: Path) -> PretrainingDa
                 raise ConfigError(f"data.fim_rate={config.data.fim_rate}: {error}") from None
         store_dir = run_dir / "token_store"
         if config.data.mixture is None:
-            train, valid = _stores(sources[0], tokenizer, store_dir, fim)
+            train, valid = _stores(sources[0], tokenizer, store_dir, fim, config.data.build_workers)
         else:  # one pair of stores per source, drawn by weight (data.Mixture)
-            pairs = [_stores(source, tokenizer, store_dir / f"mixture-{index}", fim)
+            pairs = [_stores(source, tokenizer, store_dir / f"mixture-{index}", fim, config.data.build_workers)
                      for index, source in enumerate(sources)]
             labels, weights = [source.label for source in sources], [source.weight for source in sources]
             train = Mixture(labels, [pair[0] for pair in pairs], weights)
@@ -98,8 +98,14 @@ def _source(label: str, path: str, valid_path: str | None, text_field: str, weig
     return _Source(label, (files, "train"), (files, "valid"), text_field, weight)
 
 
-def _stores(source: _Source, tokenizer: Tokenizer, store_dir: Path,
-            fim: FimTransform | None) -> tuple[TokenStore, TokenStore]:
+def _stores(source: _Source, tokenizer: Tokenizer, store_dir: Path, fim: FimTransform | None,
+            workers: int) -> tuple[TokenStore, TokenStore]:
+    if workers > 1 and fim is None:  # FIM draws per document index in the whole corpus: one process
+        from llama_jax.parallel_tokenize import build_store_parallel
+
+        return tuple(build_store_parallel(files, tokenizer, store_dir / name, workers=workers, part=part,
+                                          text_field=source.text_field)
+                     for name, (files, part) in (("train", source.train), ("valid", source.valid)))
     train = build_store(source.train[0], tokenizer, store_dir / "train", part=source.train[1], fim=fim,
                         text_field=source.text_field)
     valid = build_store(source.valid[0], tokenizer, store_dir / "valid", part=source.valid[1],

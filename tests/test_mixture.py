@@ -122,7 +122,7 @@ def test_pretraining_on_a_mixture_reports_the_mix_it_drew(tmp_path):
     mixture = f"[{{path: {code}, weight: 3, name: code}}, {{path: {prose}, weight: 1, name: prose}}]"
     args = ["configs/tiny.yaml", "model=test", "model.vocab_size=512", "train.batch_size=8", "train.seq_len=64",
             "train.steps=4", "train.peak_tflops=1", "eval.every_steps=4", "eval.batches=1", f"run_dir={run_dir}",
-            f"data.mixture={mixture}"]
+            f"data.mixture={mixture}", "data.build_workers=2"]  # the stores tokenized by two processes
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "LLAMA_JAX_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-m", "train.pretrain", *args], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
