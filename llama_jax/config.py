@@ -377,6 +377,36 @@ class SFTConfig:
         _require(self.epochs is None or self.epochs > 0, "sft.epochs", self.epochs, "a positive number or null")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the block's linear projections, in Meta's order
+LORA_BASE_DTYPES = ("float32", "int8", "int4", "nf4")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA / QLoRA fine-tuning (llama_jax/lora.py, docs/lora.md): rank 0 trains every parameter instead."""
+
+    rank: int = 0  # r of the low-rank update W + (alpha/r)·A·B; 0 = off (full fine-tuning)
+    alpha: float = 16.0
+    targets: str = ",".join(LORA_TARGETS)  # comma-separated subset of q,k,v,o,gate,up,down
+    dropout: float = 0.0  # only 0 (see docs/lora.md: adapters are applied as per-layer merged weights)
+    base_dtype: str = "float32"  # the frozen base's storage: float32, or int8/int4/nf4 (QLoRA, quantized by qwix)
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 0, "lora.rank", self.rank, "an integer >= 0 (0 = off)")
+        _require(self.alpha > 0, "lora.alpha", self.alpha, "a positive number")
+        names = self.target_names
+        _require(bool(names) and all(name in LORA_TARGETS for name in names) and len(set(names)) == len(names),
+                 "lora.targets", self.targets, f"a comma-separated subset of {','.join(LORA_TARGETS)}")
+        _require(self.dropout == 0.0, "lora.dropout", self.dropout,
+                 "0.0 (LoRA dropout is not implemented: see docs/lora.md)")
+        _require(self.base_dtype in LORA_BASE_DTYPES, "lora.base_dtype", self.base_dtype,
+                 f"one of {LORA_BASE_DTYPES}")
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in str(self.targets).split(",") if name.strip())
+
+
 @dataclass(frozen=True)
 class RunConfig:
     run_dir: str | None = None  # None = runs/<config file stem>
@@ -394,6 +424,7 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     init_from: str | None = None  # fine-tuning: a checkpoint llama_jax.load reads (run dir, native, HF or Meta)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

@@ -152,11 +152,11 @@ class Trainer(ModelOnMesh):
     def loss_and_grads(self, params: dict[str, jax.Array], batch: Batch) -> tuple[jax.Array, dict, jax.Array]:
         """Mean token loss over the whole batch and its gradient, accumulated over `grad_accum` micro-batches."""
         micro_batches = jax.tree.map(self._split_micro_batches, dict(batch))
-        graphdef = self.graphdef
+        loss_fn = self.micro_batch_loss()
 
         def accumulate(carry, micro_batch):
             loss_sum, weight_sum, grad_sum = carry
-            (loss, weight), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, graphdef, micro_batch)
+            (loss, weight), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch)
             return (loss_sum + loss, weight_sum + weight, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -164,6 +164,12 @@ class Trainer(ModelOnMesh):
         (loss_sum, weight_sum, grad_sum), _ = jax.lax.scan(accumulate, init, micro_batches)
         scale = 1.0 / jnp.maximum(weight_sum, 1.0)
         return loss_sum * scale, jax.tree.map(lambda g: g * scale, grad_sum), weight_sum
+
+    def micro_batch_loss(self) -> Callable[[dict[str, jax.Array], Batch], tuple[jax.Array, jax.Array]]:
+        """(trained params, micro-batch) → (loss sum, weight sum): what `loss_and_grads` differentiates (LoRA's
+        trainer, `llama_jax.lora.LoraTrainer`, trains adapters over a frozen base instead)."""
+        graphdef = self.graphdef
+        return lambda params, batch: loss_sums(params, graphdef, batch)
 
     def _split_micro_batches(self, x: jax.Array) -> jax.Array:
         """[batch, ...] → [grad_accum, batch/grad_accum, ...], micro-batch i taking rows i, i+A, i+2A, ...

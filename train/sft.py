@@ -71,9 +71,17 @@ def main(argv: Sequence[str]) -> int:
     config = dataclasses.replace(config, model=model_config, train=dataclasses.replace(config.train, steps=steps))
     run_dir = Path(config.run_dir)
     mesh = mesh_from_config(config.mesh)
-    trainer = Trainer.create(model_config, config.optimizer, steps, mesh, rules_from_config(config.sharding_rules),
-                             config.train.grad_accum)
+    rules = rules_from_config(config.sharding_rules)
     pretrained_params = model_params(pretrained)
+    if config.lora.rank > 0:  # LoRA / QLoRA: adapters train over the frozen (maybe quantized) pretrained weights
+        from llama_jax.lora import LoraTrainer
+
+        trainer = LoraTrainer.create_lora(model_config, config.optimizer, steps, mesh, config.lora, pretrained_params,
+                                          rules, config.train.grad_accum)
+        init_state = lambda: trainer.init_state(config.seed)  # noqa: E731
+    else:
+        trainer = Trainer.create(model_config, config.optimizer, steps, mesh, rules, config.train.grad_accum)
+        init_state = lambda: _state_from_pretrained(trainer, pretrained_params, config.seed)  # noqa: E731
     eval_batches = None
     if config.data.valid_path is not None:
         valid = PackedSFTBatches(_encode(config.data.valid_path, tokenizer, config), config.train.seq_len,
@@ -82,14 +90,18 @@ def main(argv: Sequence[str]) -> int:
     write_run_config(config, run_dir)  # only now that every input has been read
     keep_tokenizer(tokenizer, run_dir)
     if jax.process_index() == 0:
-        print(f"fine-tuning {model_config.num_params():,} parameters from {config.init_from} on "
+        trained = sum(x.size for x in jax.tree.leaves(trainer.abstract_state().params))
+        print(f"fine-tuning {trained:,} of {model_config.num_params():,} parameters from {config.init_from} on "
               f"{len(train_dialogs)} conversations ({len(batches.epoch_rows(0))} packed rows per epoch) for "
               f"{steps} steps", file=sys.stderr)
     # The loop's last checkpoint holds the final parameters: `llama_jax.load(run_dir)` reads them.
     train(trainer, config, run_dir, lambda index: sft_batch(trainer, batches, index, config), eval_batches,
           peak_flops(config, mesh.size),
-          init_state=lambda: _state_from_pretrained(trainer, pretrained_params, config.seed), start_clock=clock)
-    if jax.process_index() == 0:
+          init_state=init_state, start_clock=clock)
+    if jax.process_index() == 0 and config.lora.rank > 0:
+        print(f"LoRA adapters in {run_dir}; export or merge them with python -m llama_jax.convert.lora --run "
+              f"{run_dir} --peft DIR --merged DIR (docs/lora.md)")
+    elif jax.process_index() == 0:
         print(f"fine-tuned model in {run_dir} (e.g. python -m eval.chat --model {run_dir})")
     return 0
 
