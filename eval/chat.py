@@ -119,7 +119,10 @@ def main(argv: Sequence[str]) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval.chat", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from llama_jax.quantize import add_quantize_arguments
+
     add_model_arguments(parser, mesh=False)
+    add_quantize_arguments(parser)
     parser.add_argument("--chat-format", choices=("auto", *CHAT_STYLES), default="auto",
                         help="chat format (default: llama3 for a Llama 3 tokenizer, else llama2)")
     add_sampling_arguments(parser, max_new_tokens=256)

@@ -237,7 +237,10 @@ def _print_results(results: Iterable[Any], header_and_text: Callable[[int, Any],
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from llama_jax.quantize import add_quantize_arguments
+
     add_model_arguments(parser, mesh=False)
+    add_quantize_arguments(parser)
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--prompts", help="file of prompts: one per line, or JSONL with a \"prompt\" key")
     parser.add_argument("--chat-format", choices=(*CHAT_STYLES, CHAT_FORMAT_NONE), default=CHAT_FORMAT_NONE,

@@ -32,10 +32,12 @@ STDLIB_PREFIX = "stdlib:"
 
 def build_parser() -> argparse.ArgumentParser:
     from llama_jax.cli import add_model_arguments
+    from llama_jax.quantize import add_quantize_arguments
 
     parser = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, multi_process=True)
+    add_quantize_arguments(parser)
     parser.add_argument("--data", required=True, nargs="+", metavar="SOURCE",
                         help="text/JSONL files, folders, globs, or stdlib:valid / stdlib:train")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the model's "
@@ -75,6 +77,7 @@ def main(argv: Sequence[str]) -> int:
     from llama_jax.errors import ConfigError
     from llama_jax.scoring import count_text_bytes, evaluate_perplexity, open_text_store, scorer_from_args
 
+    # A quantized model is scored through its dequantized weights (`model_params`), the same numbers its products use.
     scorer, tokenizer = scorer_from_args(args)
     sources = resolve_data(args.data)
     store = open_text_store(sources, tokenizer, args.store_dir)

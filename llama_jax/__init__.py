@@ -5,10 +5,12 @@ errors) do not pay for jax, Orbax and TensorStore until they need them.
 """
 from llama_jax.errors import LlamaJaxError
 
-__all__ = ["Llama", "LlamaJaxError", "ModelConfig", "load", "save"]
+__all__ = ["Llama", "LlamaJaxError", "ModelConfig", "load", "load_quantized", "quantize_model", "save",
+           "save_quantized"]
 
-_LAZY = {"Llama": "llama_jax.model", "ModelConfig": "llama_jax.config", "load": "llama_jax.convert",
-         "save": "llama_jax.convert"}
+_LAZY = {"Llama": "llama_jax.model", "ModelConfig": "llama_jax.config", "load": "llama_jax.loading",
+         "save": "llama_jax.convert", "quantize_model": "llama_jax.quantize", "save_quantized": "llama_jax.quantize",
+         "load_quantized": "llama_jax.quantize"}
 
 
 def __getattr__(name: str):

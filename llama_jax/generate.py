@@ -41,6 +41,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
 from llama_jax.infilling import infilling_prompt
 from llama_jax.model import LayerInputs, Llama, Rotary, output_head, rope_frequencies
+from llama_jax.quantize import is_quantized
 from llama_jax.tokenizer import Tokenizer
 
 Array = jax.Array
@@ -196,8 +197,12 @@ def decode_weights(model: Llama) -> tuple[Architecture, DecodeWeights]:
 @functools.partial(jax.jit, static_argnames=("n_layers", "dtype"))
 def _unstack_jitted(embedding: Array, output: Array | None, final_norm: nnx.State, blocks: nnx.State, n_layers: int,
                     dtype: str) -> DecodeWeights:
-    cast = lambda tree: jax.tree.map(lambda value: value.astype(dtype), tree)  # noqa: E731
-    layers = tuple(cast(jax.tree.map(lambda value, i=i: value[i], blocks)) for i in range(n_layers))
+    # A quantized weight (llama_jax.quantize) stays as it is, integers and float32 scales: it is dequantized where
+    # it is used, and its layer is sliced as one QArray (whose `[i]` slices the values and the scales together).
+    cast = lambda tree: jax.tree.map(  # noqa: E731
+        lambda value: value if is_quantized(value) else value.astype(dtype), tree, is_leaf=is_quantized)
+    layers = tuple(cast(jax.tree.map(lambda value, i=i: value[i], blocks, is_leaf=is_quantized))
+                   for i in range(n_layers))
     return DecodeWeights(cast(embedding), None if output is None else cast(output), cast(final_norm), layers)
 
 

@@ -54,7 +54,7 @@ from llama_jax.data import (
     process_rows,
     resolve_sources,
 )
-from llama_jax.errors import DataError, TokenizerError
+from llama_jax.errors import ConfigError, DataError, TokenizerError
 from llama_jax.jsonl import read_jsonl
 from llama_jax.model import Llama
 from llama_jax.ops import HEAD_CHUNK
@@ -436,14 +436,22 @@ def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
 
 # ── Loading for the evaluation programs ─────────────────────────────────────────────────────────────────────────
 def load_model_and_tokenizer(model_path: PathLike, tokenizer_path: PathLike | None = None, *,
-                             dtype: str | None = None, mesh: Mesh | None = None) -> tuple[Llama, Tokenizer]:
-    """The model at `model_path` (any format), sharded on `mesh` (default: unsharded, as `llama_jax.load` places
-    it), and its tokenizer (default: the model folder's), checked to fit the model's vocabulary."""
-    from llama_jax.convert import load
+                             dtype: str | None = None, mesh: Mesh | None = None, quantize: str | None = None,
+                             group_size: int | None = None) -> tuple[Llama, Tokenizer]:
+    """The model at `model_path` (any checkpoint `llama_jax.load` reads), sharded on `mesh` (default: unsharded, as
+    `llama_jax.load` places it), and its tokenizer (default: the model folder's), checked to fit the model's
+    vocabulary. With `quantize` ("int8"/"int4") a float checkpoint is quantized layer by layer while it loads
+    (`llama_jax.quantize.load_model`); a quantized model is held on one device."""
+    from llama_jax import quantize as quantization
+    from llama_jax.loading import load
     from llama_jax.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path if tokenizer_path is not None else model_path)
-    model = load(model_path, dtype=dtype, mesh=mesh)
+    if quantize is not None or group_size is not None:
+        model = quantization.load_model(model_path, quantize=quantize, group_size=group_size, dtype=dtype)
+    else:
+        quantized = quantization.is_quantized_checkpoint(model_path)
+        model = load(model_path, dtype=dtype, mesh=None if quantized else mesh)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TokenizerError(f"the tokenizer {tokenizer.path or tokenizer_path} has {tokenizer.vocab_size} ids but "
                              f"the model only {model.config.vocab_size}: they do not belong together")
@@ -460,15 +468,20 @@ def load_scorer(model_path: PathLike, tokenizer_path: PathLike | None = None, *,
 
 def model_from_args(args) -> tuple[Llama, Tokenizer, Mesh | None]:
     """What `cli.add_model_arguments` asked for: the model on its --mesh (unsharded for a program without the
-    option) and its tokenizer, joining the distributed runtime first with --distributed."""
+    option) and its tokenizer, joining the distributed runtime first with --distributed. --quantize and
+    --group-size (`llama_jax.quantize.add_quantize_arguments`), where the program has them, quantize it."""
+    if getattr(args, "distributed", False) and getattr(args, "quantize", None) is not None:
+        raise ConfigError("--quantize runs in one process: drop --distributed")
     if getattr(args, "distributed", False):
         from llama_jax import distributed
         from llama_jax.config import DistributedConfig
 
         distributed.initialize(DistributedConfig())
     mesh = make_mesh(*parse_mesh(args.mesh)) if getattr(args, "mesh", None) else None
+    quantize, group_size = getattr(args, "quantize", None), getattr(args, "group_size", None)
     try:
-        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=args.dtype, mesh=mesh)
+        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=args.dtype, mesh=mesh,
+                                                    quantize=quantize, group_size=group_size)
     except TokenizerError as error:
         hint = "" if args.tokenizer else " (pass --tokenizer PATH)"
         raise TokenizerError(f"{error}{hint}") from None

@@ -327,6 +327,8 @@ def test_lora_sft_run_saves_adapters_and_resumes_bit_identically(sft_model_dir, 
                                      resumed.adapters, base_model.config, settings)(jnp.asarray(tokens)))
     assert (out / "merged" / "tokenizer.model").is_file()
     np.testing.assert_allclose(torch_logits(hf_base(out / "merged"), tokens), expected, atol=1e-4, rtol=0)
+    # llama_jax.load of the run directory is its base with the adapters merged in.
+    np.testing.assert_allclose(np.asarray(llama_jax.load(run_dir)(jnp.asarray(tokens))), expected, atol=1e-4, rtol=0)
     from peft import PeftModel
 
     llama_jax.save(base_model, out / "base_hf", format="hf")
