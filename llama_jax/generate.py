@@ -171,7 +171,7 @@ class LayerCache(NamedTuple):
 
     layers: tuple[tuple[Array, Array], ...]  # per layer: keys and values [batch, max_len, kv_heads, head_dim]
     segment_ids: Array  # [batch, max_len] int32; 0 marks empty slots and padding
-    index: Array  # int32 scalar: the next slot to write
+    index: Array  # int32: the next slot to write, a scalar (every row) or [batch] (each row its own, as the server's)
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, max_len: int) -> LayerCache:
@@ -215,7 +215,7 @@ def forward(arch: Architecture, weights: DecodeWeights, tokens: Array, positions
     config = arch.config
     batch, length = tokens.shape
     start = cache.index
-    slots = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    slots = jnp.broadcast_to(start[..., None] + jnp.arange(length, dtype=jnp.int32), (batch, length))
     mask = AttentionMask.into_cache(slots, segment_ids, cache.segment_ids, start)
     inputs = LayerInputs(Rotary.at(positions, rope_frequencies(config)), mask, start)
     x = jnp.take(weights.embedding, tokens, axis=0).astype(config.dtype)

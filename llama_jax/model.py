@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax.attention import AttentionMask, attend, attention
+from llama_jax.attention import AttentionMask, attend, attention, write_into_cache
 from llama_jax.config import ModelConfig
 from llama_jax.ops import dot, gated_silu
 from llama_jax.sharding import constrain
@@ -95,7 +95,9 @@ class LayerInputs(NamedTuple):
 
     rotary: Rotary
     mask: AttentionMask
-    cache_index: Array | None  # where this call's keys/values go in the cache, or None without a cache
+    # where this call's keys/values go in the cache: a scalar slot for every row, or [batch] (one per row), or None
+    # without a cache
+    cache_index: Array | None
 
 
 class Attention(nnx.Module):
@@ -117,8 +119,7 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         if cache is not None:  # decoding: this call's keys and values join the cache, attended densely
-            k, v = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, inputs.cache_index, 0, 0))
-                    for c, new in zip(cache, (k, v)))
+            k, v = (write_into_cache(c, new.astype(c.dtype), inputs.cache_index) for c, new in zip(cache, (k, v)))
             out, cache = attend(q, k, v, inputs.mask.dense()), (k, v)
         else:
             out = attention(q, k, v, inputs.mask, config)

@@ -28,14 +28,14 @@ from __future__ import annotations
 import jax
 
 from llama_jax.attention import context, cpu, gpu, tpu
-from llama_jax.attention.mask import AttentionMask
+from llama_jax.attention.mask import AttentionMask, write_into_cache
 from llama_jax.attention.shards import compiling_for, mesh_platform, target_platform, warn_once
 from llama_jax.attention.xla import attend, attend_in_chunks
 from llama_jax.config import ModelConfig
 from llama_jax.errors import KernelError
 
 __all__ = ["AttentionMask", "attend", "attend_in_chunks", "attention", "compiling_for", "implementation",
-           "mesh_platform", "target_platform"]
+           "mesh_platform", "target_platform", "write_into_cache"]
 
 KERNEL_PLATFORMS = {"flash_cpu": ("cpu",), "cudnn": ("gpu",), "pallas": ("gpu",), "splash": ("tpu",)}
 

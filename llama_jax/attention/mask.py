@@ -45,8 +45,22 @@ class AttentionMask(NamedTuple):
 
     @classmethod
     def into_cache(cls, slots: Array, segment_ids: Array, cache_segments: Array, start: Array) -> AttentionMask:
-        """New tokens at `slots` (their segment ids written into the cache from slot `start`) against every slot of
-        a cache whose slots hold `cache_segments` [batch, max_len] (0 = empty)."""
-        key_segments = jax.lax.dynamic_update_slice(cache_segments, segment_ids, (0, start))
+        """New tokens at `slots` (their segment ids written into the cache from slot `start`: a scalar for every row,
+        or [batch], one per row) against every slot of a cache whose slots hold `cache_segments` [batch, max_len]
+        (0 = empty)."""
+        key_segments = write_into_cache(cache_segments, segment_ids, start)
         key_slots = jnp.broadcast_to(jnp.arange(key_segments.shape[1], dtype=jnp.int32), key_segments.shape)
         return cls(slots, segment_ids, key_slots, key_segments)
+
+
+def write_into_cache(buffer: Array, update: Array, start: Array) -> Array:
+    """`update` [batch, n, ...] written into `buffer` [batch, max_len, ...] from slot `start` along axis 1.
+
+    `start` is a scalar (every row writes the same slots: batched generation) or [batch] (each row its own: the
+    server's cache slots, whose requests are at different lengths); a per-row write is a vmapped update, which XLA
+    turns into one scatter.
+    """
+    trailing = (0,) * (buffer.ndim - 2)
+    if jnp.ndim(start) == 0:
+        return jax.lax.dynamic_update_slice(buffer, update, (0, start, *trailing))
+    return jax.vmap(lambda row, new, at: jax.lax.dynamic_update_slice(row, new, (at, *trailing)))(buffer, update, start)
