@@ -53,7 +53,7 @@ import shutil
 import sys
 import sysconfig
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -435,14 +435,20 @@ def build_store(
 
 def _build_local(location: _Location, paths: Sequence[Path], tokenizer: Tokenizer, expected: dict,
                  part: SplitPart | None) -> None:
-    """Build in a hidden sibling directory, then swap it in: the store path only ever holds complete stores."""
+    _staged_swap(location, lambda staging: _write_arrays(staging, paths, tokenizer, part, expected["text_field"]),
+                 expected)
+
+
+def _staged_swap(location: _Location, write: Callable[[_Location], dict], expected: dict) -> None:
+    """`write` the arrays into a hidden sibling directory (it returns the manifest's counts), then swap it in: the
+    store path only ever holds complete stores. The caller holds the build lock."""
     parent, name = location.path.parent, location.path.name
     for leftover in parent.glob(f".{name}.building-*"):  # from builders that crashed; we hold the lock
         shutil.rmtree(leftover, ignore_errors=True)
     staging = _Location(str(parent / f".{name}.building-{uuid.uuid4().hex}"))
     try:
         staging.path.mkdir(parents=True)
-        counts = _write_arrays(staging, paths, tokenizer, part, expected["text_field"])
+        counts = write(staging)
         staging.write_manifest({**expected, **counts})
         retired = parent / f".{name}.old-{uuid.uuid4().hex}"
         if location.path.exists():

@@ -13,8 +13,8 @@ transform (each document's split depends on its index in the whole corpus), and 
 corrections apply (one distinct text, or no document — or every document — falling on one side by its hash: these
 are corpora of a handful of documents, decided after the parts exist, from counts every task records).
 
-This module builds on `llama_jax.data`'s store internals (the array appender, manifest and build lock), which is
-why it reaches into them rather than copying them.
+This module builds on `llama_jax.data`'s store internals (the array appender, manifest, staged swap and build lock),
+which is why it reaches into them rather than copying them.
 """
 from __future__ import annotations
 
@@ -242,41 +242,31 @@ class _CommitStep:
         return not several or held == 0 or held == documents
 
     def _commit(self, location: data._Location, tasks: int) -> None:
-        """Append the parts into a staging store as `data._write_arrays` would, then swap it into place."""
+        data._staged_swap(location, lambda staging: self._append_parts(staging, tasks), self.expected)
+
+    def _append_parts(self, staging: data._Location, tasks: int) -> dict:
+        """The parts, in order, appended into the staging store as `data._write_arrays` writes it; its counts."""
         plan = self.plan
-        parent, name = location.path.parent, location.path.name
-        staging = data._Location(str(parent / f".{name}.building-{uuid.uuid4().hex}"))
-        try:
-            staging.path.mkdir(parents=True)
-            dtype = np.dtype(plan.token_dtype)
-            tokens = data._ArrayAppender(staging.kvstore("tokens"), dtype)
-            offsets = data._ArrayAppender(staging.kvstore("offsets"), np.dtype(np.int64))
-            offsets.append(np.zeros(1, np.int64))
-            documents_per_source = np.zeros(len(plan.files), np.int64)
-            num_tokens = 0
-            for rank in range(tasks):
-                part = plan.part_dir(rank)
-                for chunk in _read_chunks(part / "tokens.bin", dtype):
-                    tokens.append(chunk)
-                lengths = np.fromfile(part / "lengths.bin", np.int64)
-                offsets.append(num_tokens + np.cumsum(lengths))
-                num_tokens += int(lengths.sum())
-                np.add.at(documents_per_source, np.fromfile(part / "sources.bin", np.int64), 1)
-            tokens.flush()
-            offsets.flush()
-            if num_tokens == 0:
-                raise DataError(f"empty corpus: {len(plan.files)} source file(s) contain no text "
-                                f"(first: {plan.files[0]})")
-            staging.write_manifest({**self.expected, "num_tokens": num_tokens,
-                                    "num_documents": int(documents_per_source.sum()),
-                                    "documents_per_source": documents_per_source.tolist()})
-            retired = parent / f".{name}.old-{uuid.uuid4().hex}"
-            if location.path.exists():
-                os.rename(location.path, retired)
-            os.rename(staging.path, location.path)
-            shutil.rmtree(retired, ignore_errors=True)
-        finally:
-            shutil.rmtree(staging.path, ignore_errors=True)
+        dtype = np.dtype(plan.token_dtype)
+        tokens = data._ArrayAppender(staging.kvstore("tokens"), dtype)
+        offsets = data._ArrayAppender(staging.kvstore("offsets"), np.dtype(np.int64))
+        offsets.append(np.zeros(1, np.int64))
+        documents_per_source = np.zeros(len(plan.files), np.int64)
+        num_tokens = 0
+        for rank in range(tasks):
+            part = plan.part_dir(rank)
+            for chunk in _read_chunks(part / "tokens.bin", dtype):
+                tokens.append(chunk)
+            lengths = np.fromfile(part / "lengths.bin", np.int64)
+            offsets.append(num_tokens + np.cumsum(lengths))
+            num_tokens += int(lengths.sum())
+            np.add.at(documents_per_source, np.fromfile(part / "sources.bin", np.int64), 1)
+        tokens.flush()
+        offsets.flush()
+        if num_tokens == 0:
+            raise DataError(f"empty corpus: {len(plan.files)} source file(s) contain no text (first: {plan.files[0]})")
+        return {"num_tokens": num_tokens, "num_documents": int(documents_per_source.sum()),
+                "documents_per_source": documents_per_source.tolist()}
 
 
 def _read_chunks(path: Path, dtype: np.dtype, items: int = 1 << 24) -> Iterator[np.ndarray]:
