@@ -494,12 +494,17 @@ class LoraRun:
 
 
 def is_lora_run(path: str | Path) -> bool:
-    """Whether `path` is a training run directory whose config trains LoRA adapters."""
-    from llama_jax.config import load_config
+    """Whether `path` is a training run directory whose config trains LoRA adapters (its `lora.rank` alone is read:
+    a run's config is validated where the run is read, not here)."""
+    from llama_jax.config import read_yaml_mapping
     from llama_jax.convert.native import RUN_CONFIG
 
     config_file = Path(path) / RUN_CONFIG
-    return config_file.is_file() and load_config(config_file).lora.rank > 0
+    if not config_file.is_file():
+        return False
+    lora = read_yaml_mapping(config_file, "run config").get("lora")
+    rank = lora.get("rank", 0) if isinstance(lora, dict) else 0
+    return isinstance(rank, int) and rank > 0
 
 
 def read_lora_run(run_dir: str | Path) -> LoraRun:
