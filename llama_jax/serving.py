@@ -813,6 +813,14 @@ def _sampling(body) -> Sampling:
     return Sampling(temperature=float(body.temperature), top_k=max(body.top_k, 0), top_p=float(body.top_p))
 
 
+@dataclass
+class _Outcome:
+    """How a request ended, filled in as its events are read."""
+
+    generated: int = 0
+    reason: str = "length"
+
+
 class _Events:
     """The asyncio side of one engine request: the engine thread's events land on an asyncio queue."""
 
@@ -893,6 +901,28 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
                 if await request.is_disconnected():
                     events.handle.cancel()
                     raise ApiError(499, "the client disconnected") from None
+
+    async def text_pieces(get_event, text: StopText, outcome: _Outcome):
+        """(text piece, event) for each engine event of a request until it ends: a token's piece (cut at a stop
+        string, which ends it), the held-back tail at Finished, "" for other events (prompt scores). `outcome`
+        gets the finish reason and the count of generated tokens; an engine failure is an ApiError (500)."""
+        while True:
+            event = await get_event()
+            if isinstance(event, Token):
+                outcome.generated += 1
+                yield text.push(event.token), event
+                if text.stopped:
+                    outcome.reason = "stop"
+                    return
+            elif isinstance(event, Finished):
+                outcome.generated = event.generated
+                outcome.reason = "stop" if event.reason == "stop" else "length"
+                yield text.flush(), event
+                return
+            elif isinstance(event, Failed):
+                raise ApiError(500, event.message, kind="server_error")
+            else:
+                yield "", event
 
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -991,31 +1021,21 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
 
     async def _complete_one(events: _Events, request: Request, generation: GenerationRequest, body,
                             index: int) -> tuple[dict, int]:
-        text = StopText(tokenizer, _stops(body))
-        pieces, listed_ids, listed_rows, generated, reason = [], [], [], 0, "length"
-        while True:
-            event = await next_event(events, request)
+        text, outcome = StopText(tokenizer, _stops(body)), _Outcome()
+        pieces, listed_ids, listed_rows = [], [], []
+        async for piece, event in text_pieces(lambda: next_event(events, request), text, outcome):
+            pieces.append(piece)
             if isinstance(event, PromptScores):
                 listed_ids, listed_rows = list(generation.prompt), [None, *event.logprobs]
             elif isinstance(event, Token):
-                generated += 1
-                pieces.append(text.push(event.token))
                 listed_ids.append(event.token)
                 listed_rows.append(event.logprobs)
-                if text.stopped:
-                    events.handle.cancel()
-                    reason = "stop"
-                    break
-            elif isinstance(event, Finished):
-                generated = event.generated
-                reason = "stop" if event.reason == "stop" else "length"
-                pieces.append(text.flush())
-                if event.stop_logprobs is not None:  # listed (as vLLM does) though its text is not sent
-                    listed_ids.append(event.stop_token)
-                    listed_rows.append(event.stop_logprobs)
-                break
-            else:
-                raise ApiError(500, event.message, kind="server_error")
+            elif event.stop_logprobs is not None:  # listed (as vLLM does) though its text is not sent
+                listed_ids.append(event.stop_token)
+                listed_rows.append(event.stop_logprobs)
+        if text.stopped:
+            events.handle.cancel()
+        generated, reason = outcome.generated, outcome.reason
         prompt_text = tokenizer.decode(generation.prompt) if body.echo else ""
         choice = {"index": index, "text": prompt_text + "".join(pieces), "logprobs": None, "finish_reason": reason}
         if body.logprobs is not None:
@@ -1024,8 +1044,7 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
         return choice, generated
 
     async def _stream_completion(events: _Events, body, ident: str):
-        text = StopText(tokenizer, _stops(body))
-        generated, reason = 0, "length"
+        text, outcome = StopText(tokenizer, _stops(body)), _Outcome()
 
         def chunk(piece: str, logprobs: dict | None = None, finish: str | None = None) -> bytes:
             return sse({"id": ident, "object": "text_completion", "created": int(time.time()),
@@ -1035,29 +1054,17 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
         try:
             if body.echo:
                 yield chunk(tokenizer.decode(events.handle.request.prompt))
-            while True:
-                event = await events.queue.get()
-                if isinstance(event, Token):
-                    generated += 1
-                    piece = text.push(event.token)
+            try:
+                async for piece, event in text_pieces(events.queue.get, text, outcome):
                     listing = None
-                    if body.logprobs is not None:
+                    if body.logprobs is not None and isinstance(event, Token):
                         listing = _listing([event.token], [event.logprobs], body.logprobs)
                     if piece or listing:
                         yield chunk(piece, listing)
-                    if text.stopped:
-                        reason = "stop"
-                        break
-                elif isinstance(event, Finished):
-                    generated = event.generated
-                    reason = "stop" if event.reason == "stop" else "length"
-                    tail = text.flush()
-                    if tail:
-                        yield chunk(tail)
-                    break
-                elif isinstance(event, Failed):
-                    yield sse(ApiError(500, event.message, kind="server_error").body())
-                    return
+            except ApiError as error:
+                yield sse(error.body())
+                return
+            generated, reason = outcome.generated, outcome.reason
             yield chunk("", finish=reason)
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield sse({"id": ident, "object": "text_completion", "created": int(time.time()),
@@ -1115,34 +1122,18 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
         ident = f"chatcmpl-{secrets.token_hex(12)}"
         if body.stream:
             return StreamingResponse(_stream_chat(events, body, ident), media_type="text/event-stream")
-        text = StopText(tokenizer, _stops(body))
-        pieces, generated, reason = [], 0, "length"
+        text, outcome = StopText(tokenizer, _stops(body)), _Outcome()
         try:
-            while True:
-                event = await next_event(events, request)
-                if isinstance(event, Token):
-                    generated += 1
-                    pieces.append(text.push(event.token))
-                    if text.stopped:
-                        reason = "stop"
-                        break
-                elif isinstance(event, Finished):
-                    generated = event.generated
-                    reason = "stop" if event.reason == "stop" else "length"
-                    pieces.append(text.flush())
-                    break
-                elif isinstance(event, Failed):
-                    raise ApiError(500, event.message, kind="server_error")
+            pieces = [piece async for piece, _ in text_pieces(lambda: next_event(events, request), text, outcome)]
         finally:
             events.handle.cancel()
         return {"id": ident, "object": "chat.completion", "created": int(time.time()), "model": config.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                             "logprobs": None, "finish_reason": reason}],
-                "usage": usage(len(prompt), generated)}
+                             "logprobs": None, "finish_reason": outcome.reason}],
+                "usage": usage(len(prompt), outcome.generated)}
 
     async def _stream_chat(events: _Events, body, ident: str):
-        text = StopText(tokenizer, _stops(body))
-        generated, reason = 0, "length"
+        text, outcome = StopText(tokenizer, _stops(body)), _Outcome()
 
         def chunk(delta: dict, finish: str | None = None) -> bytes:
             return sse({"id": ident, "object": "chat.completion.chunk", "created": int(time.time()),
@@ -1151,26 +1142,14 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
 
         try:
             yield chunk({"role": "assistant", "content": ""})
-            while True:
-                event = await events.queue.get()
-                if isinstance(event, Token):
-                    generated += 1
-                    piece = text.push(event.token)
+            try:
+                async for piece, _ in text_pieces(events.queue.get, text, outcome):
                     if piece:
                         yield chunk({"content": piece})
-                    if text.stopped:
-                        reason = "stop"
-                        break
-                elif isinstance(event, Finished):
-                    generated = event.generated
-                    reason = "stop" if event.reason == "stop" else "length"
-                    tail = text.flush()
-                    if tail:
-                        yield chunk({"content": tail})
-                    break
-                elif isinstance(event, Failed):
-                    yield sse(ApiError(500, event.message, kind="server_error").body())
-                    return
+            except ApiError as error:
+                yield sse(error.body())
+                return
+            generated, reason = outcome.generated, outcome.reason
             yield chunk({}, finish=reason)
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield sse({"id": ident, "object": "chat.completion.chunk", "created": int(time.time()),
