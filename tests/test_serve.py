@@ -7,6 +7,7 @@ lm-eval adapter's in-process scorer on the very token sequences lm-eval sent. Th
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -37,34 +40,45 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
+@contextlib.contextmanager
+def running_server(model_dir: Path, log_path: Path, *flags: str, wait_s: float = 180) -> Iterator[str]:
+    """`python -m eval.serve --model MODEL_DIR FLAGS` on a free loopback port and one CPU device, its output in
+    `log_path` (quoted by a failure to start); yields its base URL once /health answers, then stops it by process
+    id. Shared with the browser tests (tests/test_web_page.py)."""
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    process = subprocess.Popen([sys.executable, "-m", "eval.serve", "--model", str(model_dir), "--port", str(port),
-                                "--api-key", API_KEY, "--slots", str(SLOTS), "--max-queue", str(MAX_QUEUE),
-                                "--served-model-name", "tiny"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one device
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "eval.serve", "--model", str(model_dir), "--host",
+                                    "127.0.0.1", "--port", str(port), *flags],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start: {process.stdout.read()}")
-        time.sleep(0.5)
-    yield url
-    process.terminate()
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        deadline = time.monotonic() + wait_s
+        while True:
+            assert process.poll() is None, f"eval.serve exited with {process.returncode}:\n{log_path.read_text()}"
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"eval.serve never became healthy:\n{log_path.read_text()}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with running_server(model_dir, log_path, "--api-key", API_KEY, "--slots", str(SLOTS), "--max-queue",
+                        str(MAX_QUEUE), "--served-model-name", "tiny") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

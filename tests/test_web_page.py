@@ -9,12 +9,7 @@ MutationObserver that keeps every text the answer held (characterDataOldValue), 
 """
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -24,6 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from test_generate import REPO, hf_model, model, model_dir, tokenizer  # noqa: F401 (module fixtures shared)
+from test_serve import running_server
 
 pytestmark = pytest.mark.slow  # a server start-up, its compilations and a browser: about a minute on 2 cores
 
@@ -64,42 +60,12 @@ new MutationObserver((records, observer) => {
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """The server's base URL; its output goes to a log file that failures quote."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one device
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "eval.serve", "--model", str(model_dir), "--host",
-                                    "127.0.0.1", "--port", str(port), "--api-key", API_KEY],
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            assert process.poll() is None, f"eval.serve exited with {process.returncode}:\n{log_path.read_text()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"eval.serve never became healthy:\n{log_path.read_text()}"
-            time.sleep(0.5)
+    with running_server(model_dir, log_path, "--api-key", API_KEY, wait_s=WAIT_S) as url:
         yield url
-    finally:
-        process.terminate()  # by process id, as every test that starts a program
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
