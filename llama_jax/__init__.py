@@ -9,7 +9,7 @@ __all__ = ["Llama", "LlamaJaxError", "ModelConfig", "load", "load_quantized", "q
            "save_quantized"]
 
 _LAZY = {"Llama": "llama_jax.model", "ModelConfig": "llama_jax.config", "load": "llama_jax.loading",
-         "save": "llama_jax.convert", "quantize_model": "llama_jax.quantize", "save_quantized": "llama_jax.quantize",
+         "save": "llama_jax.loading", "quantize_model": "llama_jax.quantize", "save_quantized": "llama_jax.quantize",
          "load_quantized": "llama_jax.quantize"}
 
 

@@ -408,6 +408,114 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    """Reward models (train/reward.py; docs/alignment.md): Llama 2's margin ranking loss. A pair's margin is its
+    `margin`, or its `strength` label's value here (Llama 2's "margin small" by default), or 0."""
+
+    margin_significantly_better: float = 1.0
+    margin_better: float = 2 / 3
+    margin_slightly_better: float = 1 / 3
+    margin_negligibly_better: float = 0.0
+    use_margin: bool = True  # false: the plain binary ranking loss (InstructGPT's), margins ignored
+
+    def __post_init__(self) -> None:
+        for name, value in self.margins.items():
+            _require(math.isfinite(value) and value >= 0, f"reward.margin_{name.replace(' ', '_')}", value,
+                     "a finite number >= 0")
+
+    @property
+    def margins(self) -> dict[str, float]:
+        """{strength label: margin}, the labels of Llama 2's annotation scale."""
+        return {"significantly better": self.margin_significantly_better, "better": self.margin_better,
+                "slightly better": self.margin_slightly_better, "negligibly better": self.margin_negligibly_better}
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimisation (train/dpo.py), as TRL's DPOTrainer."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO's ε: the share of labels assumed flipped
+    loss: str = "sigmoid"  # sigmoid (DPO) or ipo
+    reference: str | None = None  # the frozen reference model; None = init_from (the model being tuned)
+
+    def __post_init__(self) -> None:
+        _require(self.beta > 0, "dpo.beta", self.beta, "a positive number")
+        _require(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
+        _require(self.loss in ("sigmoid", "ipo"), "dpo.loss", self.loss, "sigmoid or ipo")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling answers (rejection sampling and PPO rollouts) with the KV-cache decoder."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _require(self.temperature > 0, "rollout.temperature", self.temperature, "a positive number (sampling)")
+        _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "a number in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RewardModelsConfig:
+    """The reward model(s) that judge answers (rejection sampling, PPO). With a safety model too, Llama 2's
+    combination: the safety score where the prompt is safety-tagged or σ(safety score) < safety_threshold, else
+    the helpfulness score."""
+
+    helpfulness: str | None = None  # a reward model (train.reward run dir or saved reward model)
+    safety: str | None = None  # optional second reward model
+    safety_threshold: float = 0.15
+    whiten: bool = True  # PPO: whiten the combined scores over each rollout batch (Llama 2)
+
+    def __post_init__(self) -> None:
+        _require(0 < self.safety_threshold < 1, "judge.safety_threshold", self.safety_threshold, "a number in (0, 1)")
+
+
+@dataclass(frozen=True)
+class RejectionConfig:
+    """Rejection-sampling fine-tuning data (train/rejection_sampling.py)."""
+
+    samples: int = 4  # K answers per prompt
+    threshold: float | None = None  # keep the best answer only if its score is at least this
+    out: str | None = None  # the SFT JSONL written; None = <run_dir>/rejection_sampled.jsonl
+    batch_size: int = 16  # prompts decoded together
+
+    def __post_init__(self) -> None:
+        _require(self.samples >= 1, "rejection.samples", self.samples, "an integer >= 1")
+        _require(self.batch_size >= 1, "rejection.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Proximal policy optimisation against reward model(s) (train/ppo.py): one train step is one rollout batch
+    (train.batch_size prompts) followed by `epochs` passes of `minibatches` minibatches over it."""
+
+    kl_beta: float = 0.01  # β of R = score − β·KL(π‖π_ref) (Llama 2: 0.01 for 7B and 13B)
+    clip: float = 0.2  # ε of the clipped policy objective
+    value_clip: float = 0.2
+    value_coef: float = 0.1  # the value loss's weight beside the policy loss (TRL's vf_coef)
+    gamma: float = 1.0
+    lam: float = 0.95
+    epochs: int = 4
+    minibatches: int = 1
+    prompt_len: int = 64  # prompts are left-padded to this many tokens (longer ones are an error)
+
+    def __post_init__(self) -> None:
+        _require(self.kl_beta >= 0, "ppo.kl_beta", self.kl_beta, "a number >= 0")
+        _require(0 < self.clip < 1, "ppo.clip", self.clip, "a number in (0, 1)")
+        _require(self.value_clip > 0, "ppo.value_clip", self.value_clip, "a positive number")
+        _require(self.value_coef >= 0, "ppo.value_coef", self.value_coef, "a number >= 0")
+        _require(0 < self.gamma <= 1, "ppo.gamma", self.gamma, "a number in (0, 1]")
+        _require(0 <= self.lam <= 1, "ppo.lam", self.lam, "a number in [0, 1]")
+        _require(self.epochs >= 1, "ppo.epochs", self.epochs, "an integer >= 1")
+        _require(self.minibatches >= 1, "ppo.minibatches", self.minibatches, "an integer >= 1")
+        _require(self.prompt_len >= 2, "ppo.prompt_len", self.prompt_len, "an integer >= 2")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run_dir: str | None = None  # None = runs/<config file stem>
     seed: int = 0
@@ -425,6 +533,12 @@ class RunConfig:
     init_from: str | None = None  # fine-tuning: a checkpoint llama_jax.load reads (run dir, native, HF or Meta)
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    judge: RewardModelsConfig = field(default_factory=RewardModelsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

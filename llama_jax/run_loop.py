@@ -87,6 +87,19 @@ def keep_tokenizer(tokenizer: Tokenizer, run_dir: Path) -> None:
         shutil.copyfile(tokenizer.path, target)
 
 
+def fine_tuning_tokenizer(config: RunConfig) -> Tokenizer:
+    """The tokenizer of a fine-tuning run: data.tokenizer, else the one beside init_from."""
+    from llama_jax.errors import ConfigError
+    from llama_jax.tokenizer import load_tokenizer
+
+    if config.data.tokenizer is not None:
+        return load_tokenizer(config.data.tokenizer)
+    candidate = Path(str(config.init_from)) / "tokenizer.model"
+    if not candidate.is_file():
+        raise ConfigError(f"data.tokenizer is required: no tokenizer.model in {config.init_from}")
+    return load_tokenizer(candidate)
+
+
 def peak_flops(config: RunConfig, devices: int) -> float:
     """The mesh's peak FLOP/s for MFU: configured; else the one measured at the run's first start (its metrics.jsonl
     records it), so that a restart measures nothing and MFU stays comparable across restarts; else a matrix multiply

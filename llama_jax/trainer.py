@@ -77,8 +77,7 @@ class Trainer(ModelOnMesh):
         `tree_map_params` would run `optimizer.init` eagerly, which executes on the current mesh's devices and so
         fails on compile-only devices (a TPU topology planned from a CPU machine) or under `jax.set_mesh`."""
         params = self.param_shardings()
-        abstract_params = {name: jax.ShapeDtypeStruct(spec.shape, jnp.float32)
-                           for name, spec in param_specs(self.model_config).items()}
+        abstract_params = self.abstract_params()
         abstract_opt_state = jax.eval_shape(self.optimizer.init, abstract_params)
         # The same structural matching as tree_map_params(self.optimizer, ...), with init traced, never executed.
         opt_state = optax.tree_map_params(lambda placeholder: jax.eval_shape(self.optimizer.init, placeholder),
@@ -87,10 +86,24 @@ class Trainer(ModelOnMesh):
         scalar = replicated(self.mesh)
         return TrainState(step=scalar, params=params, opt_state=opt_state, rng=scalar, data_skip=scalar)
 
+    def abstract_params(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The trained parameters' shapes (float32): the model's; trainers with heads add theirs."""
+        return {name: jax.ShapeDtypeStruct(spec.shape, jnp.float32)
+                for name, spec in param_specs(self.model_config).items()}
+
     # ── Initialisation ───────────────────────────────────────────────────────────────────────────────────────
     def init_state(self, seed: int) -> TrainState:
         """Fresh parameters and optimizer state, created directly in their shards."""
         return jax.jit(self._init, static_argnums=0, out_shardings=self.state_shardings())(seed)
+
+    def state_from_params(self, params: Mapping[str, jax.Array], seed: int) -> TrainState:
+        """A fresh train state (step 0, new optimizer moments) holding `params` (a pretrained model's, for
+        fine-tuning) in their shards."""
+        state = self.init_state(seed)
+        shardings = self.state_shardings()
+        params = {name: jax.device_put(value, shardings.params[name]) for name, value in params.items()}
+        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
+        return state.replace(params=params, opt_state=opt_state)
 
     def abstract_state(self, seed: int = 0) -> TrainState:
         """Shapes and dtypes of the state, nothing allocated (planning 7B-70B runs)."""
@@ -142,28 +155,48 @@ class Trainer(ModelOnMesh):
             return jitted.lower(*args)
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, grads, tokens = self.loss_and_grads(state.params, batch)
+        loss, grads, tokens, means = self.loss_and_grads(state.params, batch)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state.step),
-                   "tokens": tokens}
+                   "tokens": tokens, **means}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def loss_and_grads(self, params: dict[str, jax.Array], batch: Batch) -> tuple[jax.Array, dict, jax.Array]:
-        """Mean token loss over the whole batch and its gradient, accumulated over `grad_accum` micro-batches."""
+    def loss_and_grads(self, params: dict[str, jax.Array], batch: Batch
+                       ) -> tuple[jax.Array, dict, jax.Array, dict[str, jax.Array]]:
+        """(mean loss over the whole batch, its gradient, the loss weight, the mean of each extra metric),
+        accumulated over `grad_accum` micro-batches. The mean is per token (language modelling) or per pair
+        (preference losses): whatever the micro-batch loss counts as its weight."""
         micro_batches = jax.tree.map(self._split_micro_batches, dict(batch))
-        loss_fn = self.micro_batch_loss()
+        loss_fn = self.micro_batch_sums()
 
         def accumulate(carry, micro_batch):
-            loss_sum, weight_sum, grad_sum = carry
-            (loss, weight), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch)
-            return (loss_sum + loss, weight_sum + weight, jax.tree.map(jnp.add, grad_sum, grads)), None
+            loss_sum, weight_sum, extra_sums, grad_sum = carry
+            (loss, (weight, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch)
+            return (loss_sum + loss, weight_sum + weight, jax.tree.map(jnp.add, extra_sums, extras),
+                    jax.tree.map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-        (loss_sum, weight_sum, grad_sum), _ = jax.lax.scan(accumulate, init, micro_batches)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        extra_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                                   jax.eval_shape(loss_fn, params, first)[1][1])
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), extra_zeros, zeros)
+        (loss_sum, weight_sum, extra_sums, grad_sum), _ = jax.lax.scan(accumulate, init, micro_batches)
         scale = 1.0 / jnp.maximum(weight_sum, 1.0)
-        return loss_sum * scale, jax.tree.map(lambda g: g * scale, grad_sum), weight_sum
+        means = {name: value * scale for name, value in extra_sums.items()}
+        return loss_sum * scale, jax.tree.map(lambda g: g * scale, grad_sum), weight_sum, means
+
+    def micro_batch_sums(self) -> Callable[[dict[str, jax.Array], Batch],
+                                           tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]]:
+        """(trained params, micro-batch) → (loss sum, (weight sum, {metric: sum})): the extra sums are reported as
+        means per unit of weight beside the loss (the preference trainers' accuracies and rewards)."""
+        loss_fn = self.micro_batch_loss()
+
+        def sums(params, batch):
+            loss, weight = loss_fn(params, batch)
+            return loss, (weight, {})
+
+        return sums
 
     def micro_batch_loss(self) -> Callable[[dict[str, jax.Array], Batch], tuple[jax.Array, jax.Array]]:
         """(trained params, micro-batch) → (loss sum, weight sum): what `loss_and_grads` differentiates (LoRA's

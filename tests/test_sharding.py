@@ -29,7 +29,7 @@ def one_step(mesh_shape):
                              mesh=make_mesh(*mesh_shape, devices=devices), grad_accum=2)
     state = trainer.init_state(seed=0)
     loss_and_grads = trainer.under_rules(jax.jit(trainer.loss_and_grads))
-    loss, grads, _ = loss_and_grads(state.params, make_batch())
+    loss, grads, _, _ = loss_and_grads(state.params, make_batch())
     new_state, metrics = trainer.jit_step((BATCH, SEQ))(state, make_batch())
     return {"loss": float(loss), "grads": jax.device_get(grads), "params": jax.device_get(new_state.params),
             "metrics": jax.device_get(metrics), "state": new_state}
@@ -133,7 +133,7 @@ def sequence_step(mesh_shape, rules_name, impl, documents):
     trainer = Trainer.create(config, OptimizerConfig(lr=1e-2, warmup_steps=0), total_steps=10,
                              mesh=make_mesh(*mesh_shape, devices=devices), rules=NAMED_RULES[rules_name], grad_accum=2)
     params = trainer.init_state(seed=0).params
-    loss, grads, _ = trainer.under_rules(jax.jit(trainer.loss_and_grads))(params, sequence_batch(documents))
+    loss, grads, _, _ = trainer.under_rules(jax.jit(trainer.loss_and_grads))(params, sequence_batch(documents))
     return float(loss), jax.device_get(grads)
 
 

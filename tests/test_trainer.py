@@ -86,7 +86,7 @@ def accumulation_run(grad_accum: int):
     mask[0, :28] = 0  # micro-batch 0 (rows 0 and 2 when split in two) holds far fewer scored tokens than batch 1
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask}
     state = trainer.init_state(seed=0)
-    loss, grads, count = trainer.under_rules(jax.jit(trainer.loss_and_grads))(state.params, batch)
+    loss, grads, count, _ = trainer.under_rules(jax.jit(trainer.loss_and_grads))(state.params, batch)
     new_state, _ = trainer.jit_step((4, 32))(state, batch)
     return float(loss), jax.device_get(grads), float(count), jax.device_get(new_state.params)
 

@@ -26,10 +26,17 @@ from llama_jax.config import RunConfig, load_config, to_yaml
 from llama_jax.errors import ConfigError
 from llama_jax.metrics import StartClock
 from llama_jax.params import model_params
-from llama_jax.run_loop import enable_compilation_cache, keep_tokenizer, peak_flops, train, write_run_config
+from llama_jax.run_loop import (
+    enable_compilation_cache,
+    fine_tuning_tokenizer,
+    keep_tokenizer,
+    peak_flops,
+    train,
+    write_run_config,
+)
 from llama_jax.sft_data import PackedSFTBatches, read_chat_sources
 from llama_jax.sharding import mesh_from_config, rules_from_config
-from llama_jax.tokenizer import Tokenizer, load_tokenizer
+from llama_jax.tokenizer import Tokenizer
 from llama_jax.trainer import Trainer
 
 USAGE = """usage: python -m train.sft CONFIG.yaml init_from=CHECKPOINT data.path=CHATS.jsonl [key=value ...]
@@ -55,7 +62,7 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError("data.path is required: chat JSONL, one {\"messages\": [...]} conversation per line")
 
     pretrained = llama_jax.load(config.init_from)
-    tokenizer = _tokenizer(config)
+    tokenizer = fine_tuning_tokenizer(config)
     model_config = dataclasses.replace(pretrained.config, **{name: getattr(config.model, name)
                                                              for name in COMPUTE_FIELDS})
     if config.train.seq_len > model_config.max_seq_len:
@@ -81,7 +88,7 @@ def main(argv: Sequence[str]) -> int:
         init_state = lambda: trainer.init_state(config.seed)  # noqa: E731
     else:
         trainer = Trainer.create(model_config, config.optimizer, steps, mesh, rules, config.train.grad_accum)
-        init_state = lambda: _state_from_pretrained(trainer, pretrained_params, config.seed)  # noqa: E731
+        init_state = lambda: trainer.state_from_params(pretrained_params, config.seed)  # noqa: E731
     eval_batches = None
     if config.data.valid_path is not None:
         valid = PackedSFTBatches(_encode(config.data.valid_path, tokenizer, config), config.train.seq_len,
@@ -106,15 +113,6 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _tokenizer(config: RunConfig) -> Tokenizer:
-    if config.data.tokenizer is not None:
-        return load_tokenizer(config.data.tokenizer)
-    candidate = Path(config.init_from) / "tokenizer.model"
-    if not candidate.is_file():
-        raise ConfigError(f"data.tokenizer is required: no tokenizer.model in {config.init_from}")
-    return load_tokenizer(candidate)
-
-
 def _encode(sources: str, tokenizer: Tokenizer, config: RunConfig) -> list[EncodedDialog]:
     return [encode_dialog(messages, tokenizer, config.sft.format, for_generation=False)
             for messages in read_chat_sources(sources)]
@@ -126,15 +124,6 @@ def sft_batch(trainer: Trainer, batches: PackedSFTBatches, index: int, config: R
     local = {"inputs": rows.tokens, "targets": rows.targets, "loss_mask": rows.loss_mask,
              "segment_ids": rows.segment_ids, "positions": rows.positions}
     return trainer.place_rows(local, config.train.batch_size)
-
-
-def _state_from_pretrained(trainer: Trainer, params: dict[str, jax.Array], seed: int):
-    """A fresh train state (step 0, new optimizer moments) holding the pretrained parameters in their shards."""
-    state = trainer.init_state(seed)
-    shardings = trainer.state_shardings()
-    params = {name: jax.device_put(value, shardings.params[name]) for name, value in params.items()}
-    opt_state = jax.jit(trainer.optimizer.init, out_shardings=shardings.opt_state)(params)
-    return state.replace(params=params, opt_state=opt_state)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,114 @@
+"""Reward-model training as Llama 2 did it: `python -m train.reward CONFIG.yaml init_from=PATH data.path=pairs.jsonl`.
+
+The model starts from a pretrained or SFT checkpoint (`init_from`): its backbone, and a fresh scalar head reading the
+hidden state of the answer's last token. Preference pairs (TRL's format, `llama_jax.preference_data`) are rendered in
+the chat format `sft.format` exactly as SFT renders conversations; the loss is −log σ(r(x, y_c) − r(x, y_r) − m(r)),
+m(r) from each pair's `margin` or `strength` (`reward.margin_*`; `reward.use_margin=false` for the plain ranking
+loss). Metrics per logged step: loss, accuracy, reward_chosen, reward_rejected, margin. Everything else — sharding,
+checkpoints, exact resume, SIGTERM save, rollback, metrics.jsonl — is the run loop's. `llama_jax.load(run_dir)`
+returns the trained `RewardModel`; `python -m eval.reward` scores with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+
+import llama_jax
+from llama_jax import distributed
+from llama_jax.cli import run_program
+from llama_jax.config import RunConfig, load_config, to_yaml
+from llama_jax.errors import ConfigError
+from llama_jax.metrics import StartClock
+from llama_jax.params import model_params
+from llama_jax.preference_data import PairBatches, encode_pairs, read_preferences
+from llama_jax.reward_model import RewardTrainer, place_pair_batch, reward_params_from_policy
+from llama_jax.run_loop import (
+    enable_compilation_cache,
+    fine_tuning_tokenizer,
+    keep_tokenizer,
+    peak_flops,
+    train,
+    write_run_config,
+)
+from llama_jax.sharding import mesh_from_config, rules_from_config
+
+USAGE = """usage: python -m train.reward CONFIG.yaml init_from=CHECKPOINT data.path=PAIRS.jsonl [key=value ...]
+
+Preference pairs: TRL's format, {"prompt", "chosen", "rejected"} strings or message lists, optional "margin" or
+"strength". Config keys (as for train.sft, plus reward.*):
+"""
+COMPUTE_FIELDS = ("dtype", "remat_policy", "attention_impl", "attention_chunk", "splash_block_q", "splash_block_kv")
+
+
+def fine_tuned_model_config(config: RunConfig, pretrained_config):
+    """The pretrained model's architecture with this run's compute settings (dtype, remat, attention kernel)."""
+    return dataclasses.replace(pretrained_config, **{name: getattr(config.model, name) for name in COMPUTE_FIELDS})
+
+
+def main(argv: Sequence[str]) -> int:
+    clock = StartClock()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + to_yaml(RunConfig()), end="")
+        return 0 if argv else 2
+    config = load_config(argv[0], argv[1:])
+    clock.mark("startup")
+    distributed.initialize(config.distributed)
+    enable_compilation_cache(config)
+    clock.mark("distributed")
+    if config.init_from is None:
+        raise ConfigError("init_from is required: the pretrained or SFT checkpoint the reward model starts from")
+    if config.data.path is None:
+        raise ConfigError("data.path is required: preference pairs (JSONL with prompt, chosen, rejected)")
+    pretrained = llama_jax.load(config.init_from)
+    tokenizer = fine_tuning_tokenizer(config)
+    model_config = fine_tuned_model_config(config, pretrained.config)
+    seq_len = config.train.seq_len
+    if seq_len > model_config.max_seq_len:
+        raise ConfigError(f"train.seq_len={seq_len} is larger than the model's maximum "
+                          f"(max_seq_len={model_config.max_seq_len} in {config.init_from})")
+    margins = config.reward.margins
+    pairs = encode_pairs(read_preferences(config.data.path, margins), tokenizer, config.sft.format, seq_len)
+    batches = PairBatches(pairs, seq_len, config.train.batch_size, tokenizer.pad_id, config.seed)
+    clock.mark("data")
+    steps = config.train.steps
+    if config.sft.epochs is not None:
+        steps = max(1, math.ceil(config.sft.epochs * batches.batches_per_epoch))
+    config = dataclasses.replace(config, model=model_config, train=dataclasses.replace(config.train, steps=steps))
+    run_dir = Path(config.run_dir)
+    mesh = mesh_from_config(config.mesh)
+    trainer = RewardTrainer.create_reward(model_config, config.optimizer, steps, mesh, config.reward,
+                                          rules_from_config(config.sharding_rules), config.train.grad_accum)
+    initial = reward_params_from_policy(model_params(pretrained), model_config, jax.random.key(config.seed))
+    del pretrained
+    eval_batches = None
+    if config.data.valid_path is not None:
+        valid = PairBatches(encode_pairs(read_preferences(config.data.valid_path, margins), tokenizer,
+                                         config.sft.format, seq_len),
+                            seq_len, config.train.batch_size, tokenizer.pad_id, config.seed)
+        eval_batches = lambda index: pair_batch(trainer, valid, index, config)  # noqa: E731
+    write_run_config(config, run_dir)
+    keep_tokenizer(tokenizer, run_dir)
+    if jax.process_index() == 0:
+        print(f"training a reward model from {config.init_from} on {len(pairs)} preference pairs for {steps} steps "
+              f"({batches.batches_per_epoch} batches per epoch)", file=sys.stderr)
+    train(trainer, config, run_dir, lambda index: pair_batch(trainer, batches, index, config), eval_batches,
+          peak_flops(config, mesh.size), init_state=lambda: trainer.state_from_params(initial, config.seed),
+          start_clock=clock)
+    if jax.process_index() == 0:
+        print(f"reward model in {run_dir} (score with python -m eval.reward --model {run_dir} ...)")
+    return 0
+
+
+def pair_batch(trainer: RewardTrainer, batches: PairBatches, index: int, config: RunConfig) -> dict[str, jax.Array]:
+    """Batch `index` of pairs as global arrays; each process builds only its own rows."""
+    local = batches.batch(index, process_index=jax.process_index(), process_count=jax.process_count())
+    return place_pair_batch(trainer, local, config.train.batch_size)
+
+
+if __name__ == "__main__":
+    run_program(main)
