@@ -438,6 +438,7 @@ class DPOConfig:
     label_smoothing: float = 0.0  # conservative DPO's ε: the share of labels assumed flipped
     loss: str = "sigmoid"  # sigmoid (DPO) or ipo
     reference: str | None = None  # the frozen reference model; None = init_from (the model being tuned)
+    precompute_reference: bool = False  # compute the reference's log-probabilities once, hold no reference model
 
     def __post_init__(self) -> None:
         _require(self.beta > 0, "dpo.beta", self.beta, "a positive number")

@@ -203,6 +203,7 @@ class EncodedPair:
     chosen: EncodedDialog
     rejected: EncodedDialog
     margin: float
+    reference: tuple[float, float] | None = None  # DPO's precomputed reference log-probabilities (chosen, rejected)
 
 
 def encode_pairs(pairs: Sequence[PreferencePair], tokenizer: ChatTokenizer, style: str, seq_len: int
@@ -234,7 +235,8 @@ class PairBatches:
     """Batch k is a pure function of (pairs, seed, k): pairs in a fresh order each epoch, one pair per row.
 
     Arrays [rows, seq_len]: `chosen_tokens`/`rejected_tokens` (int32, pad_id after the answer), `chosen_mask`/
-    `rejected_mask` (1 on answer tokens); `margin` float32 [rows]."""
+    `rejected_mask` (1 on answer tokens); float32 [rows]: `margin`, and `reference_chosen`/`reference_rejected` when
+    the pairs carry precomputed reference log-probabilities (DPO)."""
 
     pairs: Sequence[EncodedPair]
     seq_len: int
@@ -256,9 +258,13 @@ class PairBatches:
         order = epoch_document_order(len(self.pairs), self.seed, epoch)
         rows = process_rows(self.batch_size, process_index, process_count)
         chosen = [self.pairs[order[within * self.batch_size + row]] for row in rows]
-        return {**self._side([pair.chosen for pair in chosen], "chosen"),
-                **self._side([pair.rejected for pair in chosen], "rejected"),
-                "margin": np.asarray([pair.margin for pair in chosen], np.float32)}
+        arrays = {**self._side([pair.chosen for pair in chosen], "chosen"),
+                  **self._side([pair.rejected for pair in chosen], "rejected"),
+                  "margin": np.asarray([pair.margin for pair in chosen], np.float32)}
+        if chosen and chosen[0].reference is not None:
+            reference = np.asarray([pair.reference for pair in chosen], np.float32)
+            arrays["reference_chosen"], arrays["reference_rejected"] = reference[:, 0], reference[:, 1]
+        return arrays
 
     def _side(self, dialogs: Sequence[EncodedDialog], name: str) -> dict[str, np.ndarray]:
         tokens, mask = pad_dialogs(dialogs, self.seq_len, self.pad_id)
@@ -273,3 +279,27 @@ def pad_dialogs(dialogs: Sequence[EncodedDialog], seq_len: int, pad_id: int) -> 
         tokens[row, :len(dialog.tokens)] = dialog.tokens
         mask[row, :len(dialog.tokens)] = dialog.loss_mask
     return tokens, mask
+
+
+def place_pair_batch(on_mesh: Any, local: Mapping[str, np.ndarray], global_rows: int) -> dict[str, Any]:
+    """A process's rows of a batch of pairs (`PairBatches.batch`) as global arrays on `on_mesh` (a
+    `params.ModelOnMesh`). Per-pair values ([rows] float32: margins, reference log-probabilities) are broadcast along
+    the sequence to [rows, seq], so that every array of the batch shares one sharding."""
+    import jax
+
+    tokens = {name: value for name, value in local.items() if value.ndim == 2}
+    placed = on_mesh.place_rows(tokens, global_rows)
+    shape = (global_rows, next(iter(tokens.values())).shape[1])
+    for name, value in local.items():
+        if value.ndim == 1:
+            wide = np.ascontiguousarray(np.broadcast_to(np.asarray(value, np.float32)[:, None], (len(value), shape[1])))
+            placed[name] = jax.make_array_from_process_local_data(on_mesh.batch_shardings(shape), wide, shape)
+    return placed
+
+
+def global_pair_batch(on_mesh: Any, batches: PairBatches, index: int) -> dict[str, Any]:
+    """Batch `index` of `batches` as global arrays; each process builds only its own rows."""
+    import jax
+
+    local = batches.batch(index, process_index=jax.process_index(), process_count=jax.process_count())
+    return place_pair_batch(on_mesh, local, batches.batch_size)

@@ -29,7 +29,7 @@ from llama_jax.alignment import last_response_index, reward_margin_loss, scalar_
 from llama_jax.chat_format import Message
 from llama_jax.config import ModelConfig, OptimizerConfig, RewardConfig
 from llama_jax.errors import ConversionError, DataError
-from llama_jax.params import ModelOnMesh, graphdef, merge_params, param_specs
+from llama_jax.params import graphdef, merge_params, param_specs
 from llama_jax.sharding import DEFAULT_RULES, Rules, replicated
 from llama_jax.trainer import Batch, Trainer, TrainState, learning_rate_schedule, make_optimizer
 
@@ -117,19 +117,6 @@ class RewardTrainer(Trainer):
             self._jitted["reward_eval"] = self.under_rules(jax.jit(lambda params, batch: (
                 lambda result: (result[0], result[1][0]))(sums(params, batch))))
         return self._jitted["reward_eval"]
-
-
-def place_pair_batch(on_mesh: ModelOnMesh, local: Mapping[str, np.ndarray], global_rows: int
-                     ) -> dict[str, Array]:
-    """A process's rows of a batch of pairs (`preference_data.PairBatches.batch`) as global arrays; the per-pair
-    margin is broadcast along the sequence ([rows, seq]) so that every array shares the batch's sharding."""
-    tokens = {name: value for name, value in local.items() if name != "margin"}
-    placed = on_mesh.place_rows(tokens, global_rows)
-    shape = (global_rows, next(iter(tokens.values())).shape[1])
-    margin = np.broadcast_to(np.asarray(local["margin"], np.float32)[:, None], (len(local["margin"]), shape[1]))
-    placed["margin"] = jax.make_array_from_process_local_data(on_mesh.batch_shardings(shape),
-                                                              np.ascontiguousarray(margin), shape)
-    return placed
 
 
 # ── A trained reward model ───────────────────────────────────────────────────────────────────────────────────────

@@ -40,7 +40,7 @@ from llama_jax.checkpoint import (
     replicated_value,
     wipe,
 )
-from llama_jax.config import RunConfig, to_yaml
+from llama_jax.config import ModelConfig, RunConfig, to_yaml
 from llama_jax.errors import DataError
 from llama_jax.fault_injection import FaultInjection
 from llama_jax.guard import Guard, GuardState, Rollback
@@ -85,6 +85,14 @@ def keep_tokenizer(tokenizer: Tokenizer, run_dir: Path) -> None:
     target = run_dir / "tokenizer.model"
     if jax.process_index() == 0 and tokenizer.path is not None and not target.exists():
         shutil.copyfile(tokenizer.path, target)
+
+
+COMPUTE_FIELDS = ("dtype", "remat_policy", "attention_impl", "attention_chunk", "splash_block_q", "splash_block_kv")
+
+
+def fine_tuned_model_config(config: RunConfig, pretrained: ModelConfig) -> ModelConfig:
+    """The pretrained model's architecture with this run's compute settings (dtype, remat, attention kernel)."""
+    return dataclasses.replace(pretrained, **{name: getattr(config.model, name) for name in COMPUTE_FIELDS})
 
 
 def fine_tuning_tokenizer(config: RunConfig) -> Tokenizer:

@@ -6,6 +6,7 @@ checkpoints and converters use — merged into the NNX module inside the step.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -247,3 +248,63 @@ def chunked_cross_entropy(model: Llama, hidden: jax.Array, targets: jax.Array,
     chunk = HEAD_CHUNK if length % HEAD_CHUNK == 0 else length
     return output_head_loss(hidden, head, targets, weights.astype(jnp.float32), layout,
                             jnp.dtype(model.config.dtype), chunk)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrozenModelsTrainer(Trainer):
+    """A trainer whose step also reads frozen arrays (a reference model, reward models): `frozen` travels as a jit
+    argument beside the state, placed by `frozen_shardings()`, so it is neither a compile-time constant nor part of
+    the checkpointed state (a resumed run rebuilds it from the same inputs). Inside the step `self.frozen` is the
+    traced argument."""
+
+    frozen: Any = dataclasses.field(default=None, hash=False, compare=False)
+
+    def frozen_shardings(self) -> Any:
+        """Shardings of `frozen`: model parameters as the rules shard them, everything else replicated."""
+        full, shapes = self.param_shardings(), self.abstract_params()
+
+        def sharding(path, value):
+            name = ".".join(str(getattr(key, "key", key)) for key in path[1:])
+            if name in full and tuple(value.shape) == tuple(shapes[name].shape):
+                return full[name]
+            return replicated(self.mesh)
+
+        return jax.tree_util.tree_map_with_path(sharding, self.frozen)
+
+    def place_frozen(self) -> FrozenModelsTrainer:
+        """This trainer with `frozen` copied into its shardings: never the buffers of the state, which each step
+        donates (a reference model starts as the very arrays the policy starts from)."""
+        placed = jax.device_put(self.frozen, self.frozen_shardings())
+        return dataclasses.replace(self, frozen=jax.tree.map(lambda value: value.copy(), placed))
+
+    def jit_step(self, batch_shape: tuple[int, int]) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+        key = ("frozen_step", tuple(batch_shape))
+        if key not in self._jitted:
+            state = self.state_shardings()
+
+            def step(state, frozen, batch):
+                return dataclasses.replace(self, frozen=frozen).train_step(state, batch)
+
+            jitted = jax.jit(step, in_shardings=(state, self.frozen_shardings(), self.batch_shardings(batch_shape)),
+                             out_shardings=(state, replicated(self.mesh)), donate_argnums=0)
+            self._jitted[key] = self.with_frozen(jitted)
+        return self._jitted[key]
+
+    def eval_loss(self) -> Callable[[dict[str, jax.Array], Batch], tuple[jax.Array, jax.Array]]:
+        if "frozen_eval" not in self._jitted:
+            def evaluate(params, frozen, batch):
+                loss, (weight, _) = dataclasses.replace(self, frozen=frozen).micro_batch_sums()(params, batch)
+                return loss, weight
+
+            self._jitted["frozen_eval"] = self.with_frozen(jax.jit(evaluate))
+        return self._jitted["frozen_eval"]
+
+    def with_frozen(self, jitted: Callable) -> Callable:
+        """(first, batch) → jitted(first, frozen, batch), traced with the mesh and rules in context."""
+
+        def call(first, batch):
+            with self.activation_sharding():
+                return jitted(first, self.frozen, batch)
+
+        call.lower = lambda first, batch: self._lower(jitted, first, self.frozen, batch)
+        return call

@@ -25,10 +25,11 @@ from llama_jax.config import RunConfig, load_config, to_yaml
 from llama_jax.errors import ConfigError
 from llama_jax.metrics import StartClock
 from llama_jax.params import model_params
-from llama_jax.preference_data import PairBatches, encode_pairs, read_preferences
-from llama_jax.reward_model import RewardTrainer, place_pair_batch, reward_params_from_policy
+from llama_jax.preference_data import PairBatches, encode_pairs, global_pair_batch, read_preferences
+from llama_jax.reward_model import RewardTrainer, reward_params_from_policy
 from llama_jax.run_loop import (
     enable_compilation_cache,
+    fine_tuned_model_config,
     fine_tuning_tokenizer,
     keep_tokenizer,
     peak_flops,
@@ -42,14 +43,6 @@ USAGE = """usage: python -m train.reward CONFIG.yaml init_from=CHECKPOINT data.p
 Preference pairs: TRL's format, {"prompt", "chosen", "rejected"} strings or message lists, optional "margin" or
 "strength". Config keys (as for train.sft, plus reward.*):
 """
-COMPUTE_FIELDS = ("dtype", "remat_policy", "attention_impl", "attention_chunk", "splash_block_q", "splash_block_kv")
-
-
-def fine_tuned_model_config(config: RunConfig, pretrained_config):
-    """The pretrained model's architecture with this run's compute settings (dtype, remat, attention kernel)."""
-    return dataclasses.replace(pretrained_config, **{name: getattr(config.model, name) for name in COMPUTE_FIELDS})
-
-
 def main(argv: Sequence[str]) -> int:
     clock = StartClock()
     if not argv or argv[0] in ("-h", "--help"):
@@ -90,24 +83,18 @@ def main(argv: Sequence[str]) -> int:
         valid = PairBatches(encode_pairs(read_preferences(config.data.valid_path, margins), tokenizer,
                                          config.sft.format, seq_len),
                             seq_len, config.train.batch_size, tokenizer.pad_id, config.seed)
-        eval_batches = lambda index: pair_batch(trainer, valid, index, config)  # noqa: E731
+        eval_batches = lambda index: global_pair_batch(trainer, valid, index)  # noqa: E731
     write_run_config(config, run_dir)
     keep_tokenizer(tokenizer, run_dir)
     if jax.process_index() == 0:
         print(f"training a reward model from {config.init_from} on {len(pairs)} preference pairs for {steps} steps "
               f"({batches.batches_per_epoch} batches per epoch)", file=sys.stderr)
-    train(trainer, config, run_dir, lambda index: pair_batch(trainer, batches, index, config), eval_batches,
+    train(trainer, config, run_dir, lambda index: global_pair_batch(trainer, batches, index), eval_batches,
           peak_flops(config, mesh.size), init_state=lambda: trainer.state_from_params(initial, config.seed),
           start_clock=clock)
     if jax.process_index() == 0:
         print(f"reward model in {run_dir} (score with python -m eval.reward --model {run_dir} ...)")
     return 0
-
-
-def pair_batch(trainer: RewardTrainer, batches: PairBatches, index: int, config: RunConfig) -> dict[str, jax.Array]:
-    """Batch `index` of pairs as global arrays; each process builds only its own rows."""
-    local = batches.batch(index, process_index=jax.process_index(), process_count=jax.process_count())
-    return place_pair_batch(trainer, local, config.train.batch_size)
 
 
 if __name__ == "__main__":

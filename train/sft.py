@@ -28,6 +28,7 @@ from llama_jax.metrics import StartClock
 from llama_jax.params import model_params
 from llama_jax.run_loop import (
     enable_compilation_cache,
+    fine_tuned_model_config,
     fine_tuning_tokenizer,
     keep_tokenizer,
     peak_flops,
@@ -43,7 +44,6 @@ USAGE = """usage: python -m train.sft CONFIG.yaml init_from=CHECKPOINT data.path
 
 Config keys (as for train.pretrain, plus init_from and sft.*):
 """
-COMPUTE_FIELDS = ("dtype", "remat_policy", "attention_impl", "attention_chunk", "splash_block_q", "splash_block_kv")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -63,8 +63,7 @@ def main(argv: Sequence[str]) -> int:
 
     pretrained = llama_jax.load(config.init_from)
     tokenizer = fine_tuning_tokenizer(config)
-    model_config = dataclasses.replace(pretrained.config, **{name: getattr(config.model, name)
-                                                             for name in COMPUTE_FIELDS})
+    model_config = fine_tuned_model_config(config, pretrained.config)
     if config.train.seq_len > model_config.max_seq_len:
         raise ConfigError(f"train.seq_len={config.train.seq_len} is larger than the model's maximum "
                           f"(max_seq_len={model_config.max_seq_len} in {config.init_from})")
