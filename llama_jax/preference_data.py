@@ -90,15 +90,15 @@ def parse_pair(record: Any, margins: Mapping[str, float], where: str) -> Prefere
         prompt, chosen, rejected = _prompt_and_answers(record, where)
     except ChatFormatError as error:
         raise DataError(f"{where}: {error}") from None
-    if chosen == rejected:
+    if chosen.strip() == rejected.strip():  # the chat formats render answers stripped
         raise DataError(f"{where}: chosen and rejected are the same answer: the pair says nothing")
     margin, strength = 0.0, None
     if "margin" in record and "strength" in record:
         raise DataError(f"{where}: give margin or strength, not both")
     if "margin" in record:
         margin = record["margin"]
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-            raise DataError(f"{where}: margin {margin!r} is not a finite number")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not _finite(margin):
+            raise DataError(f"{where}: margin {str(margin)[:40]!r} is not a finite number")
     elif "strength" in record:
         strength = strength_margin(record["strength"], margins, where)
         margin = margins[strength]
@@ -106,6 +106,13 @@ def parse_pair(record: Any, margins: Mapping[str, float], where: str) -> Prefere
     if not isinstance(safety, bool):
         raise DataError(f"{where}: safety {safety!r} is not true or false")
     return PreferencePair(prompt, chosen, rejected, float(margin), strength, safety, where)
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _prompt_and_answers(record: Mapping[str, Any], where: str) -> tuple[tuple[Message, ...], str, str]:
