@@ -325,6 +325,19 @@ def _decode_step_jitted(arch: Architecture, weights: DecodeWeights, state: Decod
     return _decode_step(arch, weights, state, rules, greedy)
 
 
+def sample_in_graph(model: Llama, prompts: PaddedPrompts, key: Array, sampling: Sampling, stop_ids: Array,
+                    max_new_tokens: int) -> Array:
+    """`generate`'s prefill and decode loop as a traceable function, for use inside a jitted step whose parameters
+    are traced (PPO's rollouts): new tokens [batch, max_new_tokens], each row's stop token included and filler (0)
+    after it. `prompts` are jax arrays (`left_pad`'s output placed on the mesh); `key` raw PRNG key data; `stop_ids`
+    [n] int32 (pad with -1)."""
+    arch, weights = decode_weights(model)
+    rules = Rules(stop_ids, sampling.arrays(), key)
+    cache_len = _round_up(prompts.tokens.shape[1] + max_new_tokens, _CACHE_MULTIPLE)
+    state = _prefill(arch, weights, prompts, rules, sampling.greedy, cache_len, max_new_tokens)
+    return _decode_loop(arch, weights, state, rules, sampling.greedy).output
+
+
 # ── Public drivers ───────────────────────────────────────────────────────────────────────────────────────────────
 @dataclass(frozen=True)
 class Completion:

@@ -44,6 +44,7 @@ MODEL_FILE = "model.json"
 PARAMS_DIR = "params"
 RUN_CONFIG = "config.yaml"
 RUN_CHECKPOINTS = "checkpoints"
+TRAINING_HEADS = ("value_head.weight",)  # arrays a run's checkpoint holds beside the model's (llama_jax.ppo)
 
 # Orbax logs every save and restore at INFO; a converter's output should be its own.
 logging.getLogger("absl").setLevel(logging.WARNING)
@@ -258,7 +259,9 @@ class NativeSource(ParamSource):
     def __init__(self, config: ModelConfig, params_dir: Path):
         self.config = config
         self.params_dir = Path(params_dir).absolute()
-        self.metadata = _array_metadata(self.params_dir)
+        # A training run may keep heads beside the language model (PPO's value head): the model is the rest.
+        self.metadata = {name: meta for name, meta in _array_metadata(self.params_dir).items()
+                         if name not in TRAINING_HEADS}
         expected = param_shapes(config)
         found = {name: tuple(meta.shape) for name, meta in self.metadata.items()}
         check_names(expected, found, what=f"parameters in {self.params_dir}", config=config)
