@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from llama_jax.alignment import last_response_index, reward_margin_loss, scalar_head
 from llama_jax.chat_format import Message
-from llama_jax.config import ModelConfig, OptimizerConfig, RewardConfig
+from llama_jax.config import ModelConfig, OptimizerConfig, RewardConfig, RewardModelsConfig
 from llama_jax.errors import ConversionError, DataError
 from llama_jax.params import graphdef, merge_params, param_specs
 from llama_jax.sharding import DEFAULT_RULES, Rules, replicated
@@ -244,3 +244,30 @@ def check_same_tokenizer(policy_tokenizer, reward_tokenizer, policy_path: object
         raise DataError(f"the reward model {reward_path} uses a different tokenizer from the policy {policy_path} "
                         f"(fingerprints {reward_tokenizer.fingerprint()[:12]} vs "
                         f"{policy_tokenizer.fingerprint()[:12]}): it would score other token ids")
+
+
+def load_judges(judge: RewardModelsConfig, policy_tokenizer, policy_path: object, vocab_size: int
+                ) -> list[RewardModel]:
+    """The reward models of `judge.*` (helpfulness, then safety if given), each checked to read the policy's
+    tokens: the same vocabulary size and, where the reward model keeps a tokenizer beside it, the same tokenizer."""
+    import llama_jax
+    from llama_jax.errors import ConfigError
+    from llama_jax.tokenizer import load_tokenizer
+
+    if judge.helpfulness is None:
+        raise ConfigError("judge.helpfulness is required: the reward model that scores the policy's answers")
+    judges = []
+    for path in (judge.helpfulness, judge.safety):
+        if path is None:
+            continue
+        model = llama_jax.load(path)
+        if not isinstance(model, RewardModel):
+            raise ConfigError(f"{path} is a language model, not a reward model (train one with train.reward)")
+        candidate = Path(path) / "tokenizer.model"
+        if candidate.is_file():
+            check_same_tokenizer(policy_tokenizer, load_tokenizer(candidate), policy_path, path)
+        if model.config.vocab_size != vocab_size:
+            raise DataError(f"the reward model {path} has a vocabulary of {model.config.vocab_size} tokens, the "
+                            f"policy {policy_path} {vocab_size}: they cannot share token ids")
+        judges.append(model)
+    return judges

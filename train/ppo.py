@@ -28,7 +28,7 @@ from llama_jax.metrics import StartClock
 from llama_jax.params import model_params
 from llama_jax.ppo import PPOTrainer, PromptBatches
 from llama_jax.preference_data import read_prompts
-from llama_jax.reward_model import RewardModel, check_same_tokenizer
+from llama_jax.reward_model import load_judges
 from llama_jax.run_loop import (
     enable_compilation_cache,
     fine_tuned_model_config,
@@ -39,35 +39,12 @@ from llama_jax.run_loop import (
     write_run_config,
 )
 from llama_jax.sharding import mesh_from_config, rules_from_config
-from llama_jax.tokenizer import Tokenizer, load_tokenizer
 
 USAGE = """usage: python -m train.ppo CONFIG.yaml init_from=SFT_MODEL judge.helpfulness=REWARD_MODEL \\
     data.path=PROMPTS.jsonl [judge.safety=REWARD_MODEL] [key=value ...]
 
 Config keys (as for train.sft, plus ppo.*, rollout.*, judge.*):
 """
-
-
-def load_judges(config: RunConfig, tokenizer: Tokenizer, policy_path: str) -> list[RewardModel]:
-    """The reward models of `judge.*` (helpfulness, then safety if given), each checked to read the policy's
-    tokens: same vocabulary size and, where the reward model keeps a tokenizer beside it, the same tokenizer."""
-    if config.judge.helpfulness is None:
-        raise ConfigError("judge.helpfulness is required: the reward model that scores the policy's answers")
-    judges = []
-    for path in (config.judge.helpfulness, config.judge.safety):
-        if path is None:
-            continue
-        model = llama_jax.load(path)
-        if not isinstance(model, RewardModel):
-            raise ConfigError(f"{path} is a language model, not a reward model (train one with train.reward)")
-        candidate = Path(path) / "tokenizer.model"
-        if candidate.is_file():
-            check_same_tokenizer(tokenizer, load_tokenizer(candidate), policy_path, path)
-        if model.config.vocab_size != config.model.vocab_size:
-            raise DataError(f"the reward model {path} has a vocabulary of {model.config.vocab_size} tokens, the "
-                            f"policy {policy_path} {config.model.vocab_size}: they cannot share token ids")
-        judges.append(model)
-    return judges
 
 
 def main(argv: Sequence[str]) -> int:
@@ -92,7 +69,7 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError(f"ppo.prompt_len + rollout.max_new_tokens = {seq_len} is larger than the model's maximum "
                           f"(max_seq_len={model_config.max_seq_len} in {config.init_from})")
     config = dataclasses.replace(config, model=model_config, train=dataclasses.replace(config.train, seq_len=seq_len))
-    judges = load_judges(config, tokenizer, config.init_from)
+    judges = load_judges(config.judge, tokenizer, config.init_from, model_config.vocab_size)
     prompts = read_prompts(config.data.path)
     encoded = []
     for prompt in prompts:
