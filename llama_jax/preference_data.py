@@ -160,33 +160,36 @@ def _context(messages: Sequence[Message]) -> tuple[Message, ...]:
 
 def read_prompts(sources: PathLike | Sequence[PathLike]) -> list[Prompt]:
     """The prompts of JSONL files: `{"prompt": "..." | [messages ending on a user turn], "safety": bool}`."""
-    prompts = []
-    for path in resolve_sources(sources, suffixes=(".jsonl",)):
-        for line, record in read_jsonl(path, "prompts"):
-            where = f"{path}:{line}"
-            if not isinstance(record, dict) or "prompt" not in record:
-                raise DataError(f'{where}: expected an object with a "prompt" (a string or a message list)')
-            unknown = sorted(set(record) - PROMPT_KEYS)
-            if unknown:
-                raise DataError(f"{where}: unknown keys {unknown}; allowed: {sorted(PROMPT_KEYS)}")
-            prompt = record["prompt"]
-            try:
-                if isinstance(prompt, str):
-                    messages: tuple[Message, ...] = (Message("user", prompt),)
-                elif isinstance(prompt, list):
-                    messages = _context(_messages(prompt, "prompt"))
-                else:
-                    raise ChatFormatError(f"prompt is {type(prompt).__name__}, expected a string or a message list")
-                validate_conversation(messages, ending="user")
-            except ChatFormatError as error:
-                raise DataError(f"{where}: {error}") from None
-            safety = record.get("safety", False)
-            if not isinstance(safety, bool):
-                raise DataError(f"{where}: safety {safety!r} is not true or false")
-            prompts.append(Prompt(messages, safety, where))
+    prompts = [parse_prompt(record, f"{path}:{line}")
+               for path in resolve_sources(sources, suffixes=(".jsonl",))
+               for line, record in read_jsonl(path, "prompts")]
     if not prompts:
         raise DataError(f"{sources}: no prompts")
     return prompts
+
+
+def parse_prompt(record: Any, where: str, extra_keys: frozenset[str] = frozenset()) -> Prompt:
+    """One prompt record (`extra_keys`: further keys the caller reads itself)."""
+    if not isinstance(record, dict) or "prompt" not in record:
+        raise DataError(f'{where}: expected an object with a "prompt" (a string or a message list)')
+    unknown = sorted(set(record) - PROMPT_KEYS - extra_keys)
+    if unknown:
+        raise DataError(f"{where}: unknown keys {unknown}; allowed: {sorted(PROMPT_KEYS | extra_keys)}")
+    prompt = record["prompt"]
+    try:
+        if isinstance(prompt, str):
+            messages: tuple[Message, ...] = (Message("user", prompt),)
+        elif isinstance(prompt, list):
+            messages = _context(_messages(prompt, "prompt"))
+        else:
+            raise ChatFormatError(f"prompt is {type(prompt).__name__}, expected a string or a message list")
+        validate_conversation(messages, ending="user")
+    except ChatFormatError as error:
+        raise DataError(f"{where}: {error}") from None
+    safety = record.get("safety", False)
+    if not isinstance(safety, bool):
+        raise DataError(f"{where}: safety {safety!r} is not true or false")
+    return Prompt(messages, safety, where)
 
 
 # ── Rendering ────────────────────────────────────────────────────────────────────────────────────────────────────
