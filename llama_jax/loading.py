@@ -30,8 +30,11 @@ def load(path: str | Path, *, dtype: str | None = None,
     from llama_jax import convert, lora, quantize, reward_model
 
     path = Path(path)
-    if reward_model.is_reward_checkpoint(path):
-        model = reward_model.load_reward_model(path)
+    from llama_jax.convert import hf_reward
+
+    if reward_model.is_reward_checkpoint(path) or hf_reward.is_hf_reward_model(path):
+        model = (reward_model.load_reward_model(path) if reward_model.is_reward_checkpoint(path)
+                 else hf_reward.load_hf_reward_model(path))
         return model if dtype is None else dataclasses.replace(
             model, config=dataclasses.replace(model.config, dtype=dtype))
     if quantize.is_quantized_checkpoint(path):

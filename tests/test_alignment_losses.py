@@ -329,7 +329,8 @@ def test_ppo_policy_loss_hand_computed():
     # loss = (−1.2 + 0.8 − 2 − 0.5) / 4 = −0.725; clip fraction 2/4 = 0.5.
     ratio = np.array([[1.5, 0.5, 1.0, 0.5, 3.0]])
     old = np.array([[-2.0, -1.0, -3.0, -0.5, -1.0]])
-    loss, clip_fraction = alignment.ppo_policy_loss(f32(old + np.log(ratio)), f32(old), f32([[1.0, -1.0, 2.0, 1.0, 5.0]]),
+    advantages = np.array([[1.0, -1.0, 2.0, 1.0, 5.0]])
+    loss, clip_fraction = alignment.ppo_policy_loss(f32(old + np.log(ratio)), f32(old), f32(advantages),
                                                     jnp.array([[1, 1, 1, 1, 0]]), clip=0.2)
     close(loss, -0.725)
     close(clip_fraction, 0.5)
@@ -474,11 +475,12 @@ def tiny_model(tie_embeddings: bool = False, seed: int = 0) -> Llama:
                          dtype="float32", tie_embeddings=tie_embeddings)
     model = Llama(config, rngs=nnx.Rngs(seed))
     # The initial head (std 0.02) gives near-uniform distributions; scale it so that they are peaked and the
-    # log-probabilities of different tokens differ a lot.
+    # log-probabilities of different tokens differ a lot (less when tied: the table also feeds the input, and a
+    # large one makes every position predict its own token with certainty).
     if tie_embeddings:
-        model.embedding.value = model.embedding.value * 40.0
+        model.embedding[...] = model.embedding[...] * 5.0
     else:
-        model.output.value = model.output.value * 40.0
+        model.output[...] = model.output[...] * 40.0
     return model
 
 
@@ -518,7 +520,7 @@ def check_token_logprobs(model, batch, length, seed):
     assert picked.dtype == entropy.dtype == jnp.float32
     expected = np.array([[log_probs[b, t, targets[b, t]] for t in range(length)] for b in range(batch)])
     expected_entropy = -np.sum(np.exp(log_probs) * log_probs, axis=-1)
-    assert expected.std() > 1.0 and expected_entropy.std() > 0.1  # peaked, varied distributions
+    assert expected.std() > 0.5 and expected_entropy.std() > 0.1  # peaked, varied distributions
     close(picked, expected, atol=2e-5)
     close(entropy, expected_entropy, atol=2e-5)
     picked_only, none = alignment.token_logprobs(model, hidden, jnp.asarray(targets))

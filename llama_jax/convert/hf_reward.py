@@ -188,7 +188,7 @@ def load_hf_reward_model(path: str | Path):
         check_shapes(expected, found, config, described)
         stored = located[mappings[0].theirs].entries[mappings[0].theirs].dtype
         params = params_from_external(backbone_config(config), mappings,
-                                      lambda name: located[name].read(name).astype(np.float32) * 1.0000001)
+                                      lambda name: located[name].read(name).astype(np.float32))
     finally:
         for file in files:
             file.close()
