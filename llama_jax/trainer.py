@@ -98,11 +98,12 @@ class Trainer(ModelOnMesh):
         return jax.jit(self._init, static_argnums=0, out_shardings=self.state_shardings())(seed)
 
     def state_from_params(self, params: Mapping[str, jax.Array], seed: int) -> TrainState:
-        """A fresh train state (step 0, new optimizer moments) holding `params` (a pretrained model's, for
-        fine-tuning) in their shards."""
+        """A fresh train state (step 0, new optimizer moments) holding a copy of `params` (a pretrained model's, for
+        fine-tuning) in their shards. A copy: each step donates the state, and the caller's arrays must survive it
+        (a rollback with no checkpoint to return to calls this again with them)."""
         state = self.init_state(seed)
         shardings = self.state_shardings()
-        params = {name: jax.device_put(value, shardings.params[name]) for name, value in params.items()}
+        params = {name: jax.device_put(value, shardings.params[name]).copy() for name, value in params.items()}
         opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
         return state.replace(params=params, opt_state=opt_state)
 
