@@ -247,14 +247,14 @@ def _cuts(sizes: Sequence[int], tasks: int) -> tuple[int, ...]:
 
 
 def _stage_executors(plan: _Plan, kind: str, workers: int, depends: Any, options: dict[str, Any] | None):
-    from llama_jax.parallel_tokenize import _executor
+    from llama_jax.parallel_tokenize import datatrove_executor
 
     logs = plan.path("logs")
     if plan.stage != "quality":
-        depends = _executor(kind, [_ScanTask(plan)], plan.tasks, workers, logs / "scan", depends, options)
-        depends = _executor(kind, [_DecideStep(plan)], 1, 1, logs / "decide", depends, options)
-    depends = _executor(kind, [_ApplyTask(plan)], plan.tasks, workers, logs / "apply", depends, options)
-    return _executor(kind, [_SummaryStep(plan)], 1, 1, logs / "summary", depends, options)
+        depends = datatrove_executor(kind, [_ScanTask(plan)], plan.tasks, workers, logs / "scan", depends, options)
+        depends = datatrove_executor(kind, [_DecideStep(plan)], 1, 1, logs / "decide", depends, options)
+    depends = datatrove_executor(kind, [_ApplyTask(plan)], plan.tasks, workers, logs / "apply", depends, options)
+    return datatrove_executor(kind, [_SummaryStep(plan)], 1, 1, logs / "summary", depends, options)
 
 
 # ── Writing files whole ──────────────────────────────────────────────────────────────────────────────────────────

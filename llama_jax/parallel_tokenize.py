@@ -86,10 +86,10 @@ def build_store_parallel(sources: PathLike | Sequence[PathLike], tokenizer: Toke
     plan = _Plan(tuple(map(str, paths)), _cuts([path.stat().st_size for path in paths], tasks),
                  str(tokenizer.path), data._token_dtype(tokenizer.vocab_size).name, part, text_field, str(parts_dir))
     _forget_parts_of_other_inputs(parts_dir, expected)
-    tokenize = _executor(executor, [_TokenizeTask(plan)], tasks, workers, parts_dir / "tokenize", None,
-                         executor_options)
-    commit = _executor(executor, [_CommitStep(plan, str(out_dir), expected)], 1, 1, parts_dir / "commit", tokenize,
-                       executor_options)
+    tokenize = datatrove_executor(executor, [_TokenizeTask(plan)], tasks, workers, parts_dir / "tokenize", None,
+                                  executor_options)
+    commit = datatrove_executor(executor, [_CommitStep(plan, str(out_dir), expected)], 1, 1, parts_dir / "commit",
+                                tokenize, executor_options)
     commit.run()
     if location.read_manifest() is None:
         return None  # submitted to a scheduler: not finished yet
@@ -123,8 +123,10 @@ def _forget_parts_of_other_inputs(parts_dir: Path, expected: dict) -> None:
         marker.write_text(json.dumps(expected))
 
 
-def _executor(kind: str, pipeline: list, tasks: int, workers: int, logging_dir: Path, depends: Any,
-              options: dict[str, Any] | None):
+def datatrove_executor(kind: str, pipeline: list, tasks: int, workers: int, logging_dir: Path, depends: Any,
+                       options: dict[str, Any] | None):
+    """datatrove's executor of `kind` (local, slurm or ray) running `pipeline` as `tasks` tasks after `depends`
+    (the token-store build and `llama_jax.curation`'s stages both run on it)."""
     common = dict(pipeline=pipeline, tasks=tasks, logging_dir=str(logging_dir), depends=depends, **(options or {}))
     if kind == "local":
         from datatrove.executor import LocalPipelineExecutor
