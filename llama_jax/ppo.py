@@ -45,7 +45,7 @@ from llama_jax.alignment import (
 )
 from llama_jax.config import ModelConfig, OptimizerConfig, PPOConfig, RewardModelsConfig, RolloutConfig
 from llama_jax.data import epoch_document_order, process_rows
-from llama_jax.errors import DataError
+from llama_jax.errors import ConfigError, DataError
 from llama_jax.generate import PaddedPrompts, Sampling, left_pad, sample_in_graph
 from llama_jax.params import graphdef, merge_params, param_specs
 from llama_jax.reward_model import SCORE, RewardModel, backbone_config
@@ -208,7 +208,7 @@ class PPOTrainer(FrozenModelsTrainer):
                       "entropy": masked_mean(entropy, mask), "clip_fraction": clip_fraction}
 
     def eval_loss(self) -> Callable:
-        raise NotImplementedError("PPO has no validation loss: evaluate the policy's answers (eval.reward)")
+        raise ConfigError("PPO has no validation loss (data.valid_path): judge the policy's answers with eval.reward")
 
 
 def _without_head(params: Mapping[str, Array]) -> dict[str, Array]:
