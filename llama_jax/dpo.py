@@ -21,7 +21,7 @@ from llama_jax.alignment import dpo_loss, next_token_targets, token_logprobs
 from llama_jax.config import DPOConfig, ModelConfig, OptimizerConfig
 from llama_jax.params import ModelOnMesh, merge_params
 from llama_jax.preference_data import EncodedPair, pad_dialogs
-from llama_jax.sharding import DEFAULT_RULES, Rules, replicated
+from llama_jax.sharding import DEFAULT_RULES, Rules, put_global, replicated
 from llama_jax.trainer import FrozenModelsTrainer, learning_rate_schedule, make_optimizer
 
 Array = jax.Array
@@ -90,7 +90,7 @@ def precompute_reference(on_mesh: ModelOnMesh, reference: Mapping[str, Array], p
     `batch_size` (every process computes them all; each reads back the replicated results)."""
     graphdef = on_mesh.graphdef
     shardings = on_mesh.param_shardings()
-    placed = {name: jax.device_put(value, shardings[name]) for name, value in reference.items()}
+    placed = {name: put_global(value, shardings[name]) for name, value in reference.items()}
 
     @jax.jit
     def both(params, batch):

@@ -51,7 +51,7 @@ from llama_jax.config import LoraConfig, ModelConfig, OptimizerConfig, RunConfig
 from llama_jax.errors import ConfigError, ConversionError
 from llama_jax.model import _CHECKPOINT_POLICIES, Llama
 from llama_jax.params import merge_params, param_shapes
-from llama_jax.sharding import DEFAULT_RULES, Rules, replicated
+from llama_jax.sharding import DEFAULT_RULES, Rules, put_global, replicated
 from llama_jax.trainer import Batch, Trainer, TrainState, chunked_cross_entropy, learning_rate_schedule, make_optimizer
 
 Array = jax.Array
@@ -413,7 +413,7 @@ class LoraTrainer(Trainer):
                       lora=lora)
         base = frozen_base(base_params, model_config, lora)
         shardings = trainer.base_shardings(base)
-        placed = {name: jax.device_put(value, shardings[name]) for name, value in base.items()}
+        placed = {name: put_global(value, shardings[name]) for name, value in base.items()}
         return dataclasses.replace(trainer, base=placed)
 
     @functools.cached_property

@@ -149,6 +149,16 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, shape: Sequence[int
     return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, shape, mesh))
 
 
+def put_global(value: jax.Array | np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """`value` — the whole array, held by this process (a model every process loaded) — as a global array split by
+    `sharding`. `jax.device_put` can place onto this process's devices only; in a multi-process run each process
+    contributes the shards its devices hold, cut from its own copy."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def place_rows(local: Mapping[str, np.ndarray], global_rows: int, mesh: Mesh,
                rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
     """This process's rows of [global_rows, seq] token arrays as global int32 jax.Arrays split along the batch axis.

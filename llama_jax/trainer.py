@@ -22,7 +22,7 @@ from llama_jax.config import ModelConfig, OptimizerConfig
 from llama_jax.model import Llama
 from llama_jax.ops import HEAD_CHUNK, output_head_loss
 from llama_jax.params import ModelOnMesh, merge_params, param_specs
-from llama_jax.sharding import DEFAULT_RULES, Rules, replicated
+from llama_jax.sharding import DEFAULT_RULES, Rules, put_global, replicated
 
 Batch = Mapping[str, jax.Array]  # inputs, targets, loss_mask [batch, seq]; optional positions, segment_ids
 
@@ -103,7 +103,7 @@ class Trainer(ModelOnMesh):
         (a rollback with no checkpoint to return to calls this again with them)."""
         state = self.init_state(seed)
         shardings = self.state_shardings()
-        params = {name: jax.device_put(value, shardings.params[name]).copy() for name, value in params.items()}
+        params = {name: put_global(value, shardings.params[name]).copy() for name, value in params.items()}
         opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
         return state.replace(params=params, opt_state=opt_state)
 
@@ -275,7 +275,7 @@ class FrozenModelsTrainer(Trainer):
     def place_frozen(self) -> FrozenModelsTrainer:
         """This trainer with `frozen` copied into its shardings: never the buffers of the state, which each step
         donates (a reference model starts as the very arrays the policy starts from)."""
-        placed = jax.device_put(self.frozen, self.frozen_shardings())
+        placed = jax.tree.map(put_global, self.frozen, self.frozen_shardings())
         return dataclasses.replace(self, frozen=jax.tree.map(lambda value: value.copy(), placed))
 
     def jit_step(self, batch_shape: tuple[int, int]) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:

@@ -481,3 +481,42 @@ def test_load_reads_reward_and_ppo_runs(model_dir, reference_run):
     for name, value in loaded.items():
         assert np.array_equal(value, saved[name]), name
     assert any(not np.array_equal(start[name], loaded[name]) for name in loaded)  # PPO moved the policy
+
+
+# ── Two processes ────────────────────────────────────────────────────────────────────────────────────────────────
+@pytest.mark.slow
+def test_ppo_in_two_processes_trains_like_one_process(model_dir, judge_dir, prompts_file, reference_run, workdir,
+                                                      tmp_path):
+    """PPO as two processes × 4 devices joined by JAX's distributed runtime (each building only its rows of the
+    prompt batch; rollouts, scoring and updates inside the step across both) gives the one-device run's metrics."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "two"
+    args = [*program_args("train.ppo", model_dir, prompts_file, judge_dir), f"run_dir={run_dir}",
+            f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+            "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "LLAMA_JAX_CACHE": str(tmp_path / "cache")}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    processes = []
+    for i in range(2):
+        log = open(tmp_path / f"process{i}.log", "w")
+        processes.append((subprocess.Popen([sys.executable, "-m", "train.ppo", *args, f"distributed.process_id={i}"],
+                                           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    try:
+        statuses = [process.wait(timeout=400) for process, _ in processes]
+    finally:
+        for process, log in processes:
+            if process.poll() is None:
+                process.kill()  # by PID
+                process.wait()
+            log.close()
+    assert statuses == [0, 0], (tmp_path / "process0.log").read_text()[-3000:]
+    one, two = step_records(reference_run("train.ppo")), step_records(run_dir)
+    assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
+    for step in one:
+        for key in ("reward", "kl", "loss", "policy_loss", "value_loss", "entropy", "response_length"):
+            np.testing.assert_allclose(two[step][key], one[step][key], rtol=2e-4, atol=2e-5, err_msg=f"{key} {step}")

@@ -111,7 +111,7 @@ def _placements(config: ModelConfig, names: list[str], shardings: Mapping[str, j
         from llama_jax import params, sharding
 
         return sharding.param_shardings(params.param_specs(config), mesh)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return {name: device for name in names}
 
 
