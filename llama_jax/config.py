@@ -283,8 +283,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every_steps: int = 200
+    every_steps: int = 200  # evaluate on data.valid_path every this many steps (and at the end)
     batches: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 1, "eval.every_steps", self.every_steps,
+                 "an integer >= 1 (leave out data.valid_path for no evaluation)")
+        _require(self.batches >= 1, "eval.batches", self.batches, "an integer >= 1")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@
 - `minhash`: near-duplicates, documents whose word 5-gram Jaccard with an earlier kept document is at least the
   threshold — datasketch's `MinHash` and `MinHashLSH`, checked on the full signature, exactly near the threshold;
 - `lines`: boilerplate, lines that occur in at least `line_min_documents` documents, cut from every document (one
-  left with nothing else goes) — xxhash64 of the stripped line.
+  left with nothing else goes) — xxhash64 of the stripped line;
+- `classifier` (optional, not in the default stages): documents whose quality classifier score is below
+  `classifier_threshold` — `llama_jax.quality_classifier` (trained by `python -m train.quality_classifier`) at
+  `classifier_path`; removed documents carry their `score`.
 
 Each stage reads the previous stage's output (the first reads the sources: any format `llama_jax.documents` reads)
 and writes, under `OUT/<stage>/`:
@@ -59,6 +62,7 @@ from llama_jax.errors import ConfigError, DataError
 from llama_jax.jsonl import read_jsonl
 
 STAGES = ("quality", "exact", "minhash", "lines")
+OPTIONAL_STAGES = ("classifier",)  # need a setting to run (classifier_path): never in the default stages
 QUALITY_FILTERS = ("gopher_quality", "gopher_repetition", "c4")
 EXECUTORS = ("local", "slurm", "ray")
 STATS_FILE = "stats.json"
@@ -79,11 +83,18 @@ class CurationConfig:
     minhash_seed: int = 1
     minhash_verify_sigmas: float = 4.0
     line_min_documents: int = 5
+    classifier_path: str | None = None  # a folder train.quality_classifier saved
+    classifier_threshold: float = 0.5
 
     def __post_init__(self):
-        unknown = [stage for stage in self.stages if stage not in STAGES]
+        known = (*STAGES, *OPTIONAL_STAGES)
+        unknown = [stage for stage in self.stages if stage not in known]
         if unknown or not self.stages or len(set(self.stages)) != len(self.stages):
-            raise ConfigError(f"stages {','.join(self.stages)!r}: expected distinct names among {','.join(STAGES)}")
+            raise ConfigError(f"stages {','.join(self.stages)!r}: expected distinct names among {','.join(known)}")
+        if "classifier" in self.stages and self.classifier_path is None:
+            raise ConfigError("stage classifier: needs classifier_path (a folder train.quality_classifier saved)")
+        if not 0.0 <= self.classifier_threshold <= 1.0:
+            raise ConfigError(f"classifier_threshold {self.classifier_threshold}: expected a probability in [0, 1]")
         bad = [name for name in (*self.quality_filters, *self.quality_options) if name not in QUALITY_FILTERS]
         if bad:
             raise ConfigError(f"quality filter {bad[0]!r} is not one of {QUALITY_FILTERS}")
@@ -111,6 +122,11 @@ class CurationConfig:
                                                          "minhash_seed", "minhash_verify_sigmas")}
         if stage == "lines":
             return {"line_min_documents": self.line_min_documents}
+        if stage == "classifier":
+            from llama_jax.quality_classifier import classifier_fingerprint
+
+            return {"classifier_path": str(self.classifier_path), "classifier_threshold": self.classifier_threshold,
+                    "classifier_sha256": classifier_fingerprint(self.classifier_path)}
         return {}
 
 
@@ -250,7 +266,7 @@ def _stage_executors(plan: _Plan, kind: str, workers: int, depends: Any, options
     from llama_jax.parallel_tokenize import datatrove_executor
 
     logs = plan.path("logs")
-    if plan.stage != "quality":
+    if plan.stage not in ("quality", "classifier"):  # those two decide document by document: an apply alone
         depends = datatrove_executor(kind, [_ScanTask(plan)], plan.tasks, workers, logs / "scan", depends, options)
         depends = datatrove_executor(kind, [_DecideStep(plan)], 1, 1, logs / "decide", depends, options)
     depends = datatrove_executor(kind, [_ApplyTask(plan)], plan.tasks, workers, logs / "apply", depends, options)
@@ -526,6 +542,10 @@ class _ApplyTask:
                         return text, f"{name}/{why or 'rejected'}", {}
                 return document.text, None, {}
             return quality
+        if plan.stage == "classifier":
+            from llama_jax.quality_classifier import classifier_decider
+
+            return classifier_decider(plan.config.classifier_path, plan.config.classifier_threshold)
         if plan.stage == "lines":
             boilerplate = set(np.load(plan.path("work", "decision", "lines.npz"))["hashes"].tolist())
             hash64 = _hash64()

@@ -1,6 +1,6 @@
 """Near-duplicate removal on a generated corpus with planted near-duplicates: recall, false positives, throughput.
 
-    python scripts/bench_dedup.py [--originals 2200] [--pairs-per-rate 100] [--threshold 0.8] [--seed 0]
+    python -m scripts.bench_dedup [--originals 2200] [--pairs-per-rate 100] [--threshold 0.8] [--seed 0]
 
 The corpus: `--originals` documents of 200-500 words drawn (seeded) from a vocabulary of 3,000 made-up words plus
 English stop words, in sentences of 8-16 words. For each edit rate below, `--pairs-per-rate` originals get a planted

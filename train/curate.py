@@ -15,7 +15,7 @@ import argparse
 from collections.abc import Sequence
 
 from llama_jax.cli import run_program
-from llama_jax.curation import STAGES, CurationConfig, curate, describe
+from llama_jax.curation import OPTIONAL_STAGES, STAGES, CurationConfig, curate, describe
 from llama_jax.documents import DEFAULT_TEXT_FIELD
 
 
@@ -25,7 +25,8 @@ def main(argv: Sequence[str]) -> int:
                         help="files, folders or globs (.txt, .jsonl[.gz|.zst], .json.gz, .parquet)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (one subfolder per stage)")
     parser.add_argument("--stages", default=",".join(STAGES),
-                        help=f"comma-separated stages, run in this order (default {','.join(STAGES)})")
+                        help=f"comma-separated stages, run in this order (default {','.join(STAGES)}; also "
+                             f"{','.join(OPTIONAL_STAGES)}, with --classifier)")
     parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     parser.add_argument("--tasks", type=int, default=None, help="shards of the work (default: --workers)")
     parser.add_argument("--executor", choices=("local", "slurm", "ray"), default="local")
@@ -34,13 +35,18 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--minhash-num-perm", type=int, default=256, help="MinHash permutations (default 256)")
     parser.add_argument("--line-min-documents", type=int, default=5,
                         help="a line in at least this many documents is boilerplate (default 5)")
+    parser.add_argument("--classifier", default=None, metavar="DIR",
+                        help="quality classifier for the classifier stage (python -m train.quality_classifier)")
+    parser.add_argument("--classifier-threshold", type=float, default=0.5,
+                        help="documents scoring below this probability of high quality go (default 0.5)")
     parser.add_argument("--text-field", default=DEFAULT_TEXT_FIELD,
                         help="JSON field / Parquet column of the sources' text (default text)")
     parser.add_argument("--no-removed", action="store_true", help="do not write the removed documents aside")
     args = parser.parse_args(argv)
     config = CurationConfig(stages=tuple(stage.strip() for stage in args.stages.split(",") if stage.strip()),
                             minhash_threshold=args.minhash_threshold, minhash_num_perm=args.minhash_num_perm,
-                            line_min_documents=args.line_min_documents)
+                            line_min_documents=args.line_min_documents, classifier_path=args.classifier,
+                            classifier_threshold=args.classifier_threshold)
     results = curate(args.sources, args.out, config, workers=args.workers, tasks=args.tasks, executor=args.executor,
                      text_field=args.text_field, keep_removed=not args.no_removed)
     if results is None:
