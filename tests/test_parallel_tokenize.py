@@ -100,3 +100,78 @@ def test_a_failed_task_is_redone_alone(corpus, tmp_path):
     assert redone == ["00002", "00003"]  # the finished tasks were not run again
     build_store(sources, tokenizer, tmp_path / "single")
     assert identical_trees(tmp_path / "single", tmp_path / "store") == []
+
+
+KILLED_BUILD = """
+import sys, time
+from pathlib import Path
+import llama_jax.parallel_tokenize as parallel
+from llama_jax.tokenizer import load_tokenizer
+
+# Slow every task down (module level: datatrove's workers re-import __main__, so they are slowed too), so that the
+# build can be killed with some parts finished and others not.
+_batches = parallel._batches
+def slow_batches(documents, tokenizer):
+    for batch in _batches(documents, tokenizer):
+        time.sleep(0.3)
+        yield batch
+parallel._batches = slow_batches
+
+if __name__ == "__main__":
+    sources, tokenizer, store = sys.argv[1:]
+    parallel.build_store_parallel(sources, load_tokenizer(tokenizer), store, workers=2, tasks=6)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_build_keeps_its_finished_parts_and_redoes_the_rest_alone(corpus, tmp_path):
+    """kill -9 of the whole build (the executor and its two worker processes, as a machine going down) with some parts
+    finished: running it again redoes only the unfinished parts, and the store is the single-process build's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, tokenizer = corpus
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for index in range(3):  # six files of the same documents, each with several batches of paragraphs
+        for path in sorted(root.glob("part*.jsonl.gz"))[:2]:
+            (sources / f"{index}-{path.name}").write_bytes(path.read_bytes())
+    script = tmp_path / "build.py"
+    script.write_text(KILLED_BUILD)
+    store = tmp_path / "store"
+    parts = tmp_path / ".store.parts"
+    process = subprocess.Popen([sys.executable, str(script), str(sources), str(tokenizer.path), str(store)],
+                               cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+
+    def finished() -> list[str]:
+        return sorted(path.name for path in parts.iterdir() if path.name.isdigit()) if parts.is_dir() else []
+
+    deadline = time.monotonic() + 240
+    while not finished():
+        assert process.poll() is None, "the build ended before any part was finished"
+        assert time.monotonic() < deadline, "no part finished in time"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the build's own process group (by id, never by name)
+    process.wait()
+    done_before = finished()
+    assert 1 <= len(done_before) < 6 and not store.exists()
+
+    redone: list[str] = []
+    original_rename = os.rename
+
+    def recording_rename(source, target):
+        if Path(target).parent == parts:
+            redone.append(Path(target).name)
+        return original_rename(source, target)
+
+    os.rename = recording_rename
+    try:
+        build_store_parallel(sources, tokenizer, store, workers=1, tasks=6)
+    finally:
+        os.rename = original_rename
+    assert sorted(redone) == sorted(set(f"{i:05d}" for i in range(6)) - set(done_before))
+    build_store(sources, tokenizer, tmp_path / "single")
+    assert identical_trees(tmp_path / "single", store) == []
