@@ -19,6 +19,7 @@ which is why it reaches into them rather than copying them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -162,7 +163,7 @@ class _TokenizeTask:
             for sources, encoded in _batches(self._documents(rank, stats), tokenizer):
                 kept = [index for index, ids in enumerate(encoded) if ids]
                 lengths = np.array([len(encoded[index]) for index in kept], np.int64)
-                tokens = np.fromiter((token for index in kept for token in encoded[index]), np.int64,
+                tokens = np.fromiter(itertools.chain.from_iterable(encoded[index] for index in kept), np.int64,
                                      int(lengths.sum()))
                 handles["tokens"].write(tokens.astype(plan.token_dtype).tobytes())
                 handles["lengths"].write(lengths.tobytes())

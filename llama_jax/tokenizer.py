@@ -21,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import io
+import itertools
 import os
 import re
 import tempfile
@@ -272,6 +273,9 @@ def llama3_special_tokens() -> list[str]:
 
 def _split_long_runs(text: str) -> Iterator[str]:
     """Meta's cutting rule: in each window, a run longer than the limit is cut every limit chars."""
+    if len(text) <= _TIKTOKEN_MAX_RUN_CHARS:  # no run can be longer than the text: skip the scan
+        yield text
+        return
     for window_start in range(0, len(text), _TIKTOKEN_WINDOW_CHARS):
         window = text[window_start : window_start + _TIKTOKEN_WINDOW_CHARS]
         piece_start = 0
@@ -338,7 +342,9 @@ class Llama3Tokenizer(Tokenizer):
         pieces_per_text = [list(_split_long_runs(text)) for text in texts]
         flat = [piece for pieces in pieces_per_text for piece in pieces]
         encoded = iter(self._encoding.encode_ordinary_batch(flat, num_threads=os.cpu_count() or 1))
-        return [[token for _ in pieces for token in next(encoded)] for pieces in pieces_per_text]
+        # Most texts are one piece: take its list as it is (joining lists token by token costs as much as encoding).
+        return [next(encoded) if len(pieces) == 1 else
+                list(itertools.chain.from_iterable(next(encoded) for _ in pieces)) for pieces in pieces_per_text]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._encoding.decode(self._check_ids(ids), errors="replace")
