@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from llama_jax.data import resolve_sources
-from llama_jax.documents import DEFAULT_TEXT_FIELD, read_documents
+from llama_jax.documents import DEFAULT_TEXT_FIELD, read_documents, source_path
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.jsonl import read_jsonl
 
@@ -161,7 +161,7 @@ class _Plan:
 
     def documents(self, rank: int) -> Iterator[tuple[str, str]]:
         """(id, text) of task `rank`'s documents, in order."""
-        for path in map(Path, self.files[self.cuts[rank]:self.cuts[rank + 1]]):
+        for path in map(source_path, self.files[self.cuts[rank]:self.cuts[rank + 1]]):
             if self.sources:
                 for number, text in enumerate(read_documents(path, self.text_field), 1):
                     yield f"{path}:{number}", text

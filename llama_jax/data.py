@@ -63,6 +63,7 @@ import tensorstore as ts
 from llama_jax.documents import DEFAULT_TEXT_FIELD, SOURCE_SUFFIXES, read_documents
 from llama_jax.errors import DataError
 from llama_jax.infilling import FimTransform
+from llama_jax.jsonl import is_url, url_path
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 PathLike = str | os.PathLike[str]
@@ -82,18 +83,27 @@ _PRELOAD_LIMIT_BYTES = 256 << 20  # stores up to this size are read into memory 
 
 def resolve_sources(sources: PathLike | Sequence[PathLike], suffixes: Sequence[str] = SOURCE_SUFFIXES) -> list[Path]:
     """Expand files, directories (their files with one of `suffixes`, recursively) and globs into a sorted file
-    list."""
+    list. An entry may be an object-store URL ("s3://bucket/corpus/*.jsonl.zst", "gs://bucket/fineweb/",
+    "https://host/file.parquet", "memory://..."): it expands the same way, through fsspec, into `upath.UPath`s,
+    which the readers and the store manifest take as they take the pathlib.Paths of local entries."""
     entries = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     files: list[Path] = []
     for entry in entries:
-        files.extend(_expand_source(str(entry), suffixes))
-    unique = list(dict.fromkeys(path.resolve() for path in files))
+        files.extend(_expand_source(entry if _is_url_path(entry) else str(entry), suffixes))
+    unique = list(dict.fromkeys(path if _is_url_path(path) else path.resolve() for path in files))
     if not unique:
         raise DataError("empty corpus: no source files given")
     return unique
 
 
+def _is_url_path(entry: object) -> bool:
+    """A UPath of a URL (not a local path): what `resolve_sources` returns for URL entries."""
+    return not isinstance(entry, (str, os.PathLike)) and hasattr(entry, "protocol")
+
+
 def _expand_source(entry: str, suffixes: Sequence[str]) -> list[Path]:
+    if is_url(entry) or _is_url_path(entry):
+        return _expand_url(str(entry), suffixes)
     if glob.has_magic(entry):
         matches = sorted(Path(match) for match in glob.glob(entry, recursive=True) if Path(match).is_file())
         if not matches:
@@ -108,6 +118,34 @@ def _expand_source(entry: str, suffixes: Sequence[str]) -> list[Path]:
     if not path.is_file():
         raise DataError(f"{path}: no such source file")
     return [path]
+
+
+def _expand_url(url: str, suffixes: Sequence[str]) -> list:
+    """A URL entry as `_expand_source` expands a local one: a glob (`**` recursive) into its files, a folder (prefix)
+    into its files with one of `suffixes`, recursively, a file into itself; sorted by URL."""
+    base = url_path(url)
+    fs = base.fs
+
+    def upath(name: str):
+        return type(base)(fs.unstrip_protocol(name), **base.storage_options)
+
+    try:
+        if glob.has_magic(url) and base.protocol not in ("http", "https"):  # "?" in an http URL starts its query
+            found = fs.glob(url, detail=True)
+            matches = sorted(name for name, info in found.items() if info.get("type") == "file")
+            if not matches:
+                raise DataError(f"{url}: pattern matches no files")
+            return [upath(name) for name in matches]
+        if fs.isdir(url):
+            found = sorted(name for name in fs.find(url) if name.endswith(tuple(suffixes)))
+            if not found:
+                raise DataError(f"{url}: directory has no {' or '.join(suffixes)} files")
+            return [upath(name) for name in found]
+        if not fs.isfile(url):
+            raise DataError(f"{url}: no such source file")
+    except (OSError, ValueError) as error:  # credentials, network, a malformed bucket name
+        raise DataError(f"{url}: cannot list source ({error})") from None
+    return [base]
 
 
 SplitPart = Literal["train", "valid"]
@@ -180,11 +218,29 @@ def _split_one_text(text: str, path: Path) -> tuple[str, str]:
 
 
 def _describe_sources(paths: Sequence[Path]) -> list[dict]:
+    """Each source's path (or URL), size and mtime; a URL's also its store's version of the object (ETag,
+    generation, modification time, as its filesystem reports one), since some stores report no mtime."""
     described = []
     for path in paths:
-        stat = path.stat()
-        described.append({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        try:
+            stat = path.stat()
+        except OSError as error:
+            raise DataError(f"{path}: cannot read source ({error.strerror or error})") from None
+        entry = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        if _is_url_path(path):
+            entry["version"] = _object_version(stat.as_info())
+        described.append(entry)
     return described
+
+
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "generation", "version_id", "VersionId", "LastModified", "last_modified",
+                 "mtime", "updated", "created")
+
+
+def _object_version(info: dict) -> str | None:
+    """What the object store says identifies this version of the object (first of `_VERSION_KEYS` its fsspec info
+    holds)."""
+    return next((str(info[key]) for key in _VERSION_KEYS if info.get(key) is not None), None)
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:

@@ -5,6 +5,11 @@ gzip'd — `.gz` — or zstd-compressed — `.zst` —, decompressed as it reads
 `read_json` the one JSON-file reader (checkpoint configs and indexes), and `utf8_text` the one decoder of a whole text
 file (configs, corpus text, prompt lists). Lines and columns count from 1; a column counts bytes for bad UTF-8 and
 characters for bad JSON.
+
+A JSONL file may also be an object-store URL ("s3://bucket/chats.jsonl.zst", "gs://...", "https://...",
+"memory://..."), given as a string or as the `upath.UPath` that `url_path` (and `llama_jax.data.resolve_sources`)
+makes of one: it is read through fsspec, streamed and checked for truncation as a local file is, and its errors
+name the URL.
 """
 from __future__ import annotations
 
@@ -12,16 +17,47 @@ import gzip
 import io
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llama_jax.errors import DataError, LlamaJaxError
 
+if TYPE_CHECKING:
+    from upath import UPath
+
 PathLike = str | os.PathLike[str]
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # two letters or more: "C://x" stays a Windows path
 
 
-def read_jsonl(path: PathLike, what: str, error: type[LlamaJaxError] = DataError) -> Iterator[tuple[int, Any]]:
+def is_url(name: object) -> bool:
+    """Whether `name` is a URL string ("scheme://..."), as opposed to a local path."""
+    return isinstance(name, str) and _URL.match(name) is not None
+
+
+def url_path(url: str) -> UPath:
+    """The `upath.UPath` of `url` (which behaves as a pathlib.Path: name, suffixes, stat, open, glob, is_dir),
+    once fsspec can read its protocol: one DataError names the URL and the package to install when it cannot."""
+    import fsspec
+    from fsspec.registry import known_implementations
+    from upath import UPath
+
+    protocol = url.split("://", 1)[0].lower()
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:  # fsspec knows the protocol; the package implementing it is not installed
+        package = known_implementations.get(protocol, {}).get("class", "").split(".")[0]
+        if package and package != "fsspec":
+            raise DataError(f"{url}: reading {protocol}:// URLs needs the {package} package, which is not installed "
+                            f"(pip install {package})") from None
+        raise DataError(f"{url}: cannot read {protocol}:// URLs here ({exc})") from None
+    except ValueError:
+        raise DataError(f"{url}: unknown URL protocol {protocol!r} (fsspec has no filesystem for it)") from None
+    return UPath(url)
+
+
+def read_jsonl(path: PathLike | UPath, what: str, error: type[LlamaJaxError] = DataError) -> Iterator[tuple[int, Any]]:
     """(line number, JSON value) for each non-blank line of a JSONL file, read line by line.
 
     A file that cannot be opened is a DataError ("PATH: cannot read WHAT (...)"), a damaged compressed one a
@@ -46,13 +82,28 @@ def read_jsonl(path: PathLike, what: str, error: type[LlamaJaxError] = DataError
                 raise error(f"{path}:{line_number}:{exc.colno}: not valid JSON ({_json_problem(exc)})") from None
 
 
-def _open_binary(path: PathLike) -> io.BufferedIOBase:
+def _open_binary(path: PathLike | UPath) -> io.BufferedIOBase:
+    if is_url(path) or not isinstance(path, (str, os.PathLike)):  # a URL, as a string or an (fsspec) UPath
+        return _open_url(url_path(path) if isinstance(path, str) else path)
     name = os.fspath(path)
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
         return io.BufferedReader(_ZstdFrames(open(path, "rb")), buffer_size=1 << 16)
     return open(path, "rb")
+
+
+def _open_url(path: UPath) -> io.BufferedIOBase:
+    """`path` (a UPath) opened through fsspec, decompressed as it is read like a local file."""
+    raw = path.open("rb")
+    name = path.name
+    if name.endswith(".gz"):
+        file = gzip.GzipFile(fileobj=raw, mode="rb")
+        file.myfileobj = raw  # the attribute by which GzipFile closes a file it opened itself: it owns this one too
+        return file
+    if name.endswith(".zst"):
+        return io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 16)
+    return raw
 
 
 class _ZstdFrames(io.RawIOBase):

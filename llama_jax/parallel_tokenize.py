@@ -178,7 +178,7 @@ class _TokenizeTask:
         """(source index, text) of the task's files; with a split, the documents on its side by their hash."""
         plan = self.plan
         for source_index in plan.task_files(rank):
-            for text in read_documents(Path(plan.files[source_index]), plan.text_field):
+            for text in read_documents(plan.files[source_index], plan.text_field):
                 if plan.part is None:
                     yield source_index, text
                     continue
