@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,54 @@ def keep_tokenizer(tokenizer: Tokenizer, run_dir: Path) -> None:
     target = run_dir / "tokenizer.model"
     if jax.process_index() == 0 and tokenizer.path is not None and not target.exists():
         shutil.copyfile(tokenizer.path, target)
+
+
+def program_config(argv: Sequence[str], usage: str, clock: StartClock) -> RunConfig | int:
+    """A training program's run config from `CONFIG.yaml key=value ...`, with the distributed runtime up and the
+    compilation cache on; or, after printing `usage` and the default config, the exit status (0 for --help, 2 for no
+    arguments)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage + to_yaml(RunConfig()), end="")
+        return 0 if argv else 2
+    from llama_jax import distributed
+    from llama_jax.config import load_config
+
+    config = load_config(argv[0], argv[1:])
+    clock.mark("startup")
+    distributed.initialize(config.distributed)
+    enable_compilation_cache(config)
+    clock.mark("distributed")
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuningBase:
+    """What every fine-tuning program starts from: the `init_from` model, the tokenizer, and the model config with
+    this run's compute settings."""
+
+    model: Any  # a Llama
+    tokenizer: Tokenizer
+    model_config: ModelConfig
+
+
+def load_fine_tuning_base(config: RunConfig, *, init_from: str, data: str, seq_len: int,
+                          seq_len_key: str = "train.seq_len") -> FineTuningBase:
+    """`init_from` and `data.path` are required (`init_from`/`data` say what they must be); the sequences of
+    `seq_len` tokens (named `seq_len_key` in messages) must fit the model."""
+    import llama_jax
+    from llama_jax.errors import ConfigError
+
+    if config.init_from is None:
+        raise ConfigError(f"init_from is required: {init_from}")
+    if config.data.path is None:
+        raise ConfigError(f"data.path is required: {data}")
+    model = llama_jax.load(config.init_from)
+    tokenizer = fine_tuning_tokenizer(config)
+    model_config = fine_tuned_model_config(config, model.config)
+    if seq_len > model_config.max_seq_len:
+        raise ConfigError(f"{seq_len_key}={seq_len} is larger than the model's maximum "
+                          f"(max_seq_len={model_config.max_seq_len} in {config.init_from})")
+    return FineTuningBase(model, tokenizer, model_config)
 
 
 COMPUTE_FIELDS = ("dtype", "remat_policy", "attention_impl", "attention_chunk", "splash_block_q", "splash_block_kv")

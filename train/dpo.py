@@ -18,20 +18,17 @@ from pathlib import Path
 import jax
 
 import llama_jax
-from llama_jax import distributed
 from llama_jax.cli import run_program
-from llama_jax.config import RunConfig, load_config, to_yaml
 from llama_jax.dpo import DPOTrainer, precompute_reference
 from llama_jax.errors import ConfigError
 from llama_jax.metrics import StartClock
 from llama_jax.params import model_params
 from llama_jax.preference_data import PairBatches, encode_pairs, global_pair_batch, read_preferences
 from llama_jax.run_loop import (
-    enable_compilation_cache,
-    fine_tuned_model_config,
-    fine_tuning_tokenizer,
     keep_tokenizer,
+    load_fine_tuning_base,
     peak_flops,
+    program_config,
     train,
     write_run_config,
 )
@@ -45,25 +42,13 @@ Config keys (as for train.sft, plus dpo.*):
 
 def main(argv: Sequence[str]) -> int:
     clock = StartClock()
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + to_yaml(RunConfig()), end="")
-        return 0 if argv else 2
-    config = load_config(argv[0], argv[1:])
-    clock.mark("startup")
-    distributed.initialize(config.distributed)
-    enable_compilation_cache(config)
-    clock.mark("distributed")
-    if config.init_from is None:
-        raise ConfigError("init_from is required: the SFT model DPO tunes")
-    if config.data.path is None:
-        raise ConfigError("data.path is required: preference pairs (JSONL with prompt, chosen, rejected)")
-    policy = llama_jax.load(config.init_from)
-    tokenizer = fine_tuning_tokenizer(config)
-    model_config = fine_tuned_model_config(config, policy.config)
+    config = program_config(argv, USAGE, clock)
+    if isinstance(config, int):
+        return config
     seq_len = config.train.seq_len
-    if seq_len > model_config.max_seq_len:
-        raise ConfigError(f"train.seq_len={seq_len} is larger than the model's maximum "
-                          f"(max_seq_len={model_config.max_seq_len} in {config.init_from})")
+    base = load_fine_tuning_base(config, init_from="the SFT model DPO tunes",
+                                 data="preference pairs (JSONL with prompt, chosen, rejected)", seq_len=seq_len)
+    policy, tokenizer, model_config = base.model, base.tokenizer, base.model_config
     policy_params = model_params(policy)
     reference_params = policy_params
     if config.dpo.reference is not None:

@@ -18,23 +18,19 @@ from pathlib import Path
 
 import jax
 
-import llama_jax
-from llama_jax import distributed
 from llama_jax.chat_format import dialog_prompt, generation_stop_ids
 from llama_jax.cli import run_program
-from llama_jax.config import RunConfig, load_config, to_yaml
-from llama_jax.errors import ConfigError, DataError
+from llama_jax.errors import DataError
 from llama_jax.metrics import StartClock
 from llama_jax.params import model_params
 from llama_jax.ppo import PPOTrainer, PromptBatches
 from llama_jax.preference_data import read_prompts
 from llama_jax.reward_model import load_judges
 from llama_jax.run_loop import (
-    enable_compilation_cache,
-    fine_tuned_model_config,
-    fine_tuning_tokenizer,
     keep_tokenizer,
+    load_fine_tuning_base,
     peak_flops,
+    program_config,
     train,
     write_run_config,
 )
@@ -49,25 +45,14 @@ Config keys (as for train.sft, plus ppo.*, rollout.*, judge.*):
 
 def main(argv: Sequence[str]) -> int:
     clock = StartClock()
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + to_yaml(RunConfig()), end="")
-        return 0 if argv else 2
-    config = load_config(argv[0], argv[1:])
-    clock.mark("startup")
-    distributed.initialize(config.distributed)
-    enable_compilation_cache(config)
-    clock.mark("distributed")
-    if config.init_from is None:
-        raise ConfigError("init_from is required: the SFT model PPO tunes (also the frozen KL reference)")
-    if config.data.path is None:
-        raise ConfigError("data.path is required: prompts (JSONL with \"prompt\")")
-    policy = llama_jax.load(config.init_from)
-    tokenizer = fine_tuning_tokenizer(config)
-    model_config = fine_tuned_model_config(config, policy.config)
+    config = program_config(argv, USAGE, clock)
+    if isinstance(config, int):
+        return config
     seq_len = config.ppo.prompt_len + config.rollout.max_new_tokens
-    if seq_len > model_config.max_seq_len:
-        raise ConfigError(f"ppo.prompt_len + rollout.max_new_tokens = {seq_len} is larger than the model's maximum "
-                          f"(max_seq_len={model_config.max_seq_len} in {config.init_from})")
+    base = load_fine_tuning_base(config, init_from="the SFT model PPO tunes (also the frozen KL reference)",
+                                 data="prompts (JSONL with \"prompt\")", seq_len=seq_len,
+                                 seq_len_key="ppo.prompt_len + rollout.max_new_tokens")
+    policy, tokenizer, model_config = base.model, base.tokenizer, base.model_config
     config = dataclasses.replace(config, model=model_config, train=dataclasses.replace(config.train, seq_len=seq_len))
     judges = load_judges(config.judge, tokenizer, config.init_from, model_config.vocab_size)
     prompts = read_prompts(config.data.path)

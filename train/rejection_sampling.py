@@ -19,13 +19,13 @@ from pathlib import Path
 import llama_jax
 from llama_jax.chat_format import generation_stop_ids
 from llama_jax.cli import run_program
-from llama_jax.config import RunConfig, load_config, to_yaml
 from llama_jax.errors import ConfigError
 from llama_jax.generate import Sampling
+from llama_jax.metrics import StartClock
 from llama_jax.preference_data import read_prompts
 from llama_jax.rejection_sampling import sample_and_score, summarize, write_sft_data
 from llama_jax.reward_model import load_judges
-from llama_jax.run_loop import fine_tuning_tokenizer, keep_tokenizer, write_run_config
+from llama_jax.run_loop import fine_tuning_tokenizer, keep_tokenizer, program_config, write_run_config
 
 USAGE = """usage: python -m train.rejection_sampling CONFIG.yaml init_from=POLICY judge.helpfulness=REWARD_MODEL \\
     data.path=PROMPTS.jsonl [rejection.samples=K] [rejection.threshold=S] [rejection.out=FILE] [key=value ...]
@@ -36,10 +36,9 @@ SUMMARY_FILE = "rejection_sampling.json"
 
 
 def main(argv: Sequence[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + to_yaml(RunConfig()), end="")
-        return 0 if argv else 2
-    config = load_config(argv[0], argv[1:])
+    config = program_config(argv, USAGE, StartClock())
+    if isinstance(config, int):
+        return config
     if config.init_from is None:
         raise ConfigError("init_from is required: the policy to sample answers from")
     if config.data.path is None:

@@ -18,21 +18,16 @@ from pathlib import Path
 
 import jax
 
-import llama_jax
-from llama_jax import distributed
 from llama_jax.cli import run_program
-from llama_jax.config import RunConfig, load_config, to_yaml
-from llama_jax.errors import ConfigError
 from llama_jax.metrics import StartClock
 from llama_jax.params import model_params
 from llama_jax.preference_data import PairBatches, encode_pairs, global_pair_batch, read_preferences
 from llama_jax.reward_model import RewardTrainer, reward_params_from_policy
 from llama_jax.run_loop import (
-    enable_compilation_cache,
-    fine_tuned_model_config,
-    fine_tuning_tokenizer,
     keep_tokenizer,
+    load_fine_tuning_base,
     peak_flops,
+    program_config,
     train,
     write_run_config,
 )
@@ -45,25 +40,14 @@ Preference pairs: TRL's format, {"prompt", "chosen", "rejected"} strings or mess
 """
 def main(argv: Sequence[str]) -> int:
     clock = StartClock()
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + to_yaml(RunConfig()), end="")
-        return 0 if argv else 2
-    config = load_config(argv[0], argv[1:])
-    clock.mark("startup")
-    distributed.initialize(config.distributed)
-    enable_compilation_cache(config)
-    clock.mark("distributed")
-    if config.init_from is None:
-        raise ConfigError("init_from is required: the pretrained or SFT checkpoint the reward model starts from")
-    if config.data.path is None:
-        raise ConfigError("data.path is required: preference pairs (JSONL with prompt, chosen, rejected)")
-    pretrained = llama_jax.load(config.init_from)
-    tokenizer = fine_tuning_tokenizer(config)
-    model_config = fine_tuned_model_config(config, pretrained.config)
+    config = program_config(argv, USAGE, clock)
+    if isinstance(config, int):
+        return config
     seq_len = config.train.seq_len
-    if seq_len > model_config.max_seq_len:
-        raise ConfigError(f"train.seq_len={seq_len} is larger than the model's maximum "
-                          f"(max_seq_len={model_config.max_seq_len} in {config.init_from})")
+    base = load_fine_tuning_base(
+        config, init_from="the pretrained or SFT checkpoint the reward model starts from",
+        data="preference pairs (JSONL with prompt, chosen, rejected)", seq_len=seq_len)
+    pretrained, tokenizer, model_config = base.model, base.tokenizer, base.model_config
     margins = config.reward.margins
     pairs = encode_pairs(read_preferences(config.data.path, margins), tokenizer, config.sft.format, seq_len)
     batches = PairBatches(pairs, seq_len, config.train.batch_size, tokenizer.pad_id, config.seed)

@@ -18,20 +18,16 @@ from pathlib import Path
 
 import jax
 
-import llama_jax
-from llama_jax import distributed
 from llama_jax.chat_format import EncodedDialog, encode_dialog
 from llama_jax.cli import run_program
-from llama_jax.config import RunConfig, load_config, to_yaml
-from llama_jax.errors import ConfigError
+from llama_jax.config import RunConfig
 from llama_jax.metrics import StartClock
 from llama_jax.params import model_params
 from llama_jax.run_loop import (
-    enable_compilation_cache,
-    fine_tuned_model_config,
-    fine_tuning_tokenizer,
     keep_tokenizer,
+    load_fine_tuning_base,
     peak_flops,
+    program_config,
     train,
     write_run_config,
 )
@@ -48,25 +44,13 @@ Config keys (as for train.pretrain, plus init_from and sft.*):
 
 def main(argv: Sequence[str]) -> int:
     clock = StartClock()  # the time from the process's start to its first step, by phase
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + to_yaml(RunConfig()), end="")
-        return 0 if argv else 2
-    config = load_config(argv[0], argv[1:])
-    clock.mark("startup")
-    distributed.initialize(config.distributed)
-    enable_compilation_cache(config)
-    clock.mark("distributed")
-    if config.init_from is None:
-        raise ConfigError("init_from is required: the checkpoint to fine-tune (a run dir, llama-jax, HF or Meta)")
-    if config.data.path is None:
-        raise ConfigError("data.path is required: chat JSONL, one {\"messages\": [...]} conversation per line")
-
-    pretrained = llama_jax.load(config.init_from)
-    tokenizer = fine_tuning_tokenizer(config)
-    model_config = fine_tuned_model_config(config, pretrained.config)
-    if config.train.seq_len > model_config.max_seq_len:
-        raise ConfigError(f"train.seq_len={config.train.seq_len} is larger than the model's maximum "
-                          f"(max_seq_len={model_config.max_seq_len} in {config.init_from})")
+    config = program_config(argv, USAGE, clock)
+    if isinstance(config, int):
+        return config
+    base = load_fine_tuning_base(
+        config, init_from="the checkpoint to fine-tune (a run dir, llama-jax, HF or Meta)",
+        data="chat JSONL, one {\"messages\": [...]} conversation per line", seq_len=config.train.seq_len)
+    pretrained, tokenizer, model_config = base.model, base.tokenizer, base.model_config
     train_dialogs = _encode(config.data.path, tokenizer, config)
     batches = PackedSFTBatches(train_dialogs, config.train.seq_len, config.train.batch_size, tokenizer.pad_id,
                                config.seed)
