@@ -11,33 +11,26 @@ A saved classifier is a folder: `classifier.json` (the feature settings, the int
 their settings (their hashing is scikit-learn's signed 32-bit MurmurHash3 of each n-gram), and scores are computed
 here in float64 (`QualityClassifier.scores`), identically before saving and after loading.
 
-The stage (`classifier_stage`) has the curation stages' on-disk contract (`llama_jax.curation`): it reads the
-previous stage's `docs/NNNNN.jsonl.gz` shards and writes, under `OUT/classifier/`, `docs/NNNNN.jsonl.gz` (documents
-scoring at least the threshold, `{"text", "id"}`), `removed/NNNNN.jsonl.gz` (the others, with `reason: classifier`
-and their `score`), `stats.json` (the same counts as every stage) and `inputs.json` (what it was built from: the
-previous stage's stats, the classifier's digest, the threshold). It is resumable the same way: a complete stage
-built from the same inputs is skipped, a finished shard of an interrupted one is not redone.
+The stage is `llama_jax.curation`'s optional `classifier` stage (`train.curate --stages ...,classifier
+--classifier DIR`): its apply step asks `classifier_decider` about each document, which removes those scoring below
+the threshold with `reason: classifier` and their `score`; `classifier_fingerprint` is what makes a stage built with
+another classifier be rebuilt.
 """
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import json
 import os
-import shutil
-import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.jsonl import read_jsonl
 
-STAGE = "classifier"
 REASON = "classifier"
 CONFIG_FILE = "classifier.json"
 WEIGHTS_FILE = "weights.npz"
@@ -102,7 +95,9 @@ class QualityClassifier:
         os.replace(staging, directory / WEIGHTS_FILE)
         config = {"format": FORMAT, "features": dataclasses.asdict(self.settings), "intercept": self.intercept,
                   "record": self.record}
-        _write_json(directory / CONFIG_FILE, config)
+        staging = directory / f".{CONFIG_FILE}.tmp-{uuid.uuid4().hex}"
+        staging.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(staging, directory / CONFIG_FILE)
         return directory
 
     @classmethod
@@ -230,7 +225,7 @@ def evaluate(classifier: QualityClassifier, texts: Sequence[str], labels: np.nda
 # ── The curation stage ───────────────────────────────────────────────────────────────────────────────────────────
 def classifier_decider(classifier_path: str | os.PathLike, threshold: float) -> Callable[[int, str, str], tuple]:
     """For `llama_jax.curation`'s apply step: (index, id, text) -> (text, reason or None, details), scoring one
-    document at a time (`classifier_stage` scores shards in batches)."""
+    document at a time."""
     classifier = QualityClassifier.load(classifier_path)
     _check_threshold(threshold)
 
@@ -255,133 +250,3 @@ def classifier_fingerprint(classifier_path: str | os.PathLike) -> str:
 def _check_threshold(threshold: float) -> None:
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"classifier_threshold {threshold}: expected a probability in [0, 1]")
-
-
-def classifier_stage(previous_docs: str | os.PathLike, out_dir: str | os.PathLike,
-                     classifier_path: str | os.PathLike, threshold: float = 0.5, *, keep_removed: bool = True,
-                     batch_size: int = 256, stage: str = STAGE) -> dict:
-    """Keep the documents of `previous_docs` (a curation stage's `docs/` folder) whose score is at least
-    `threshold`, into `out_dir/<stage>/` (see the module docstring); returns the stage's stats."""
-    _check_threshold(threshold)
-    previous_docs = Path(previous_docs)
-    shards = sorted(previous_docs.glob("*.jsonl.gz"))
-    if not shards:
-        raise DataError(f"{previous_docs}: no curated shards (*.jsonl.gz) to classify")
-    stage_dir = Path(out_dir) / stage
-    previous_stats = _read_json(previous_docs.parent / "stats.json")
-    fingerprint = {"stage": stage, "previous": str(previous_docs.resolve()), "previous_stats": previous_stats,
-                   "shards": [shard.name for shard in shards], "classifier": classifier_fingerprint(classifier_path),
-                   "threshold": threshold}
-    stats = _read_json(stage_dir / "stats.json")
-    recorded = _read_json(stage_dir / "inputs.json")
-    if stats is not None and recorded == fingerprint:
-        return stats
-    if recorded != fingerprint or stats is not None:
-        shutil.rmtree(stage_dir, ignore_errors=True)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(stage_dir / "inputs.json", fingerprint)
-    classifier = QualityClassifier.load(classifier_path)
-    parts = []
-    for shard in shards:
-        parts.append(_classify_shard(classifier, threshold, shard, stage_dir, keep_removed, batch_size))
-    total: dict[str, Any] = {"stage": stage}
-    for key in ("documents_in", "bytes_in", "documents_out", "bytes_out", "bytes_trimmed"):
-        total[key] = sum(part[key] for part in parts)
-    removed = {"documents": sum(part["removed"].get(REASON, {}).get("documents", 0) for part in parts),
-               "bytes": sum(part["removed"].get(REASON, {}).get("bytes", 0) for part in parts)}
-    total["removed"] = {REASON: removed} if removed["documents"] else {}
-    total["documents_removed"] = removed["documents"]
-    total["bytes_removed"] = removed["bytes"]
-    total["threshold"] = threshold
-    total["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    _write_json(stage_dir / "stats.json", total)
-    return total
-
-
-def _classify_shard(classifier: QualityClassifier, threshold: float, shard: Path, stage_dir: Path,
-                    keep_removed: bool, batch_size: int) -> dict:
-    stats_path = stage_dir / "work" / "stats" / f"{shard.name.removesuffix('.jsonl.gz')}.json"
-    done = _read_json(stats_path)
-    if done is not None:
-        return done
-    stats = {"documents_in": 0, "bytes_in": 0, "documents_out": 0, "bytes_out": 0, "bytes_trimmed": 0, "removed": {}}
-    docs = _ShardWriter(stage_dir / "docs" / shard.name)
-    removed = _ShardWriter(stage_dir / "removed" / shard.name if keep_removed else None)
-    try:
-        for batch in _batches(((record["id"], record["text"]) for _, record in read_jsonl(shard, "curated shard")),
-                              batch_size):
-            scores = classifier.scores([text for _, text in batch])
-            for (doc_id, text), score in zip(batch, scores.tolist()):
-                size = len(text.encode("utf-8"))
-                stats["documents_in"] += 1
-                stats["bytes_in"] += size
-                if score >= threshold:
-                    stats["documents_out"] += 1
-                    stats["bytes_out"] += size
-                    docs.write({"text": text, "id": doc_id})
-                else:
-                    counts = stats["removed"].setdefault(REASON, {"documents": 0, "bytes": 0})
-                    counts["documents"] += 1
-                    counts["bytes"] += size
-                    removed.write({"text": text, "id": doc_id, "reason": REASON, "score": round(score, 6)})
-    except BaseException:
-        docs.discard()
-        removed.discard()
-        raise
-    docs.commit()
-    removed.commit()
-    _write_json(stats_path, stats)
-    return stats
-
-
-def _batches(items: Iterable, size: int) -> Iterable[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-# ── Files written whole (as llama_jax.curation writes them; not imported from it: curation imports this module) ──
-def _staging(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-
-
-def _write_json(path: Path, value: Any) -> None:
-    staging = _staging(path)
-    staging.write_text(json.dumps(value, indent=1))
-    os.replace(staging, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class _ShardWriter:
-    """A gzip'd JSON lines file written under a temporary name; `commit` renames it into place."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.staging = _staging(path) if path else None
-        self.file = gzip.open(self.staging, "wt", encoding="utf-8", compresslevel=3) if path else None
-
-    def write(self, record: dict) -> None:
-        if self.file:
-            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def commit(self) -> None:
-        if self.file:
-            self.file.close()
-            os.replace(self.staging, self.path)
-
-    def discard(self) -> None:
-        if self.file:
-            self.file.close()
-            self.staging.unlink(missing_ok=True)

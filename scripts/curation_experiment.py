@@ -13,8 +13,8 @@ The corpus is built here, nothing is downloaded:
 It runs `python -m train.curate` on the dirty corpus (stages exact, minhash, lines — one at a time, so each stage's
 wall time is measured; `quality` is left out: C4's line rules strip code), trains the quality classifier
 (`python -m train.quality_classifier`) on a separate labelled sample (other standard-library files = 1, junk from
-another seed = 0: labels by provenance, the stand-in for a judge) and applies it as the `classifier` stage
-(`llama_jax.quality_classifier.classifier_stage`). Then two `configs/tiny.yaml` runs with the default corpus's
+another seed = 0: labels by provenance, the stand-in for a judge) and applies it as the `classifier` stage of
+`train.curate`. Then two `configs/tiny.yaml` runs with the default corpus's
 tokenizer, one on the dirty corpus and one on the curated corpus, each --steps × 8 × 256 tokens, and
 `python -m eval.perplexity` of each on the held-out split. Prints and writes OUT/result.json.
 """
@@ -161,30 +161,24 @@ def main() -> None:
           f"{corpus['dirty_documents']} docs ({corpus['dirty_bytes']:,} B, {corpus['non_clean_share_of_bytes']:.1%} "
           f"not clean originals); held out {corpus['heldout_documents']} files ({corpus['heldout_bytes']:,} B)")
 
-    curated = out / "curated"
-    stages = ["exact", "minhash", "lines"]
-    stage_stats = {}
-    for count in range(1, len(stages) + 1):  # resumable: each call builds one more stage
-        seconds, printed = run([python, "-m", "train.curate", str(out / "dirty.jsonl"), "--out", str(curated),
-                                "--stages", ",".join(stages[:count]),
-                                "--line-min-documents", str(args.line_min_documents)], out / f"curate_{count}.log")
-        stage = stages[count - 1]
-        timings[f"curate_{stage}"] = seconds
-        stage_stats[stage] = json.loads((curated / stage / "stats.json").read_text())
-        print(printed.strip().splitlines()[-2] + f"  [{seconds:.1f} s, with process start]")
-
     seconds, printed = run([python, "-m", "train.quality_classifier", "--data", str(out / "labelled.jsonl"),
                             "--out", str(out / "classifier")], out / "classifier_train.log")
     timings["classifier_train"] = seconds
     print("classifier: " + printed.strip().splitlines()[0] + f"  [{seconds:.1f} s]")
-    from llama_jax.curation import describe
-    from llama_jax.quality_classifier import classifier_stage
 
-    t0 = time.perf_counter()
-    stage_stats["classifier"] = classifier_stage(curated / "lines" / "docs", curated, out / "classifier",
-                                                 args.classifier_threshold)
-    timings["curate_classifier"] = time.perf_counter() - t0
-    print(f"classifier: {describe(stage_stats['classifier'])}  [{timings['curate_classifier']:.1f} s]")
+    curated = out / "curated"
+    stages = ["exact", "minhash", "lines", "classifier"]
+    stage_stats = {}
+    for count in range(1, len(stages) + 1):  # resumable: each call builds one more stage
+        seconds, printed = run([python, "-m", "train.curate", str(out / "dirty.jsonl"), "--out", str(curated),
+                                "--stages", ",".join(stages[:count]),
+                                "--line-min-documents", str(args.line_min_documents),
+                                "--classifier", str(out / "classifier"),
+                                "--classifier-threshold", str(args.classifier_threshold)], out / f"curate_{count}.log")
+        stage = stages[count - 1]
+        timings[f"curate_{stage}"] = seconds
+        stage_stats[stage] = json.loads((curated / stage / "stats.json").read_text())
+        print(printed.strip().splitlines()[-2] + f"  [{seconds:.1f} s, with process start]")
 
     # what curation did to each kind of document (ids are dirty.jsonl:<record>)
     final = {doc_id.rsplit(":", 1)[1]: text for doc_id, text in read_ids(curated / "classifier" / "docs").items()}

@@ -12,7 +12,6 @@ from llama_jax.errors import DataError
 from llama_jax.quality_classifier import (
     FeatureSettings,
     QualityClassifier,
-    classifier_stage,
     load_labelled,
     train_classifier,
 )
@@ -128,60 +127,47 @@ def read_shard(path):
         return [json.loads(line) for line in file]
 
 
-def test_the_stage_keeps_documents_at_or_above_the_threshold(trained, tmp_path):
+def test_the_stage_keeps_documents_at_or_above_the_threshold(trained, tmp_path, capsys):
+    """`train.curate --stages exact,classifier --classifier DIR`: the documents the classifier scores at least the
+    threshold are kept, the others removed with their score; stats count them; a rerun is skipped and another
+    threshold rebuilds the stage."""
+    from train.curate import main
+
     texts, labels = labelled(60, seed=6)
-    previous = tmp_path / "curated" / "lines" / "docs"
-    previous.mkdir(parents=True)
-    halves = [(0, 35), (35, 60)]
-    for shard, (start, stop) in enumerate(halves):
-        with gzip.open(previous / f"{shard:05d}.jsonl.gz", "wt", encoding="utf-8") as file:
-            for i in range(start, stop):
-                file.write(json.dumps({"text": texts[i], "id": f"src:{i + 1}"}) + "\n")
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts + texts[:5]))  # 5 exact copies
     scores = trained.scores(texts)
     threshold = 0.5
     trained.save(tmp_path / "model")
-    stats = classifier_stage(previous, tmp_path / "curated", tmp_path / "model", threshold)
 
+    def curate(threshold: float) -> dict:
+        assert main([str(source), "--out", str(tmp_path / "curated"), "--stages", "exact,classifier",
+                     "--classifier", str(tmp_path / "model"), "--classifier-threshold", str(threshold)]) == 0
+        return json.loads((tmp_path / "curated" / "classifier" / "stats.json").read_text())
+
+    stats = curate(threshold)
+    assert "classifier: 60 docs" in capsys.readouterr().out
     stage = tmp_path / "curated" / "classifier"
-    kept = [record for shard in range(2) for record in read_shard(stage / "docs" / f"{shard:05d}.jsonl.gz")]
-    removed = [record for shard in range(2) for record in read_shard(stage / "removed" / f"{shard:05d}.jsonl.gz")]
-    expected_kept = [f"src:{i + 1}" for i in range(60) if scores[i] >= threshold]
-    assert [record["id"] for record in kept] == expected_kept
-    assert sorted(record["id"] for record in removed) == sorted(f"src:{i + 1}" for i in range(60)
-                                                                if scores[i] < threshold)
-    assert all(record["reason"] == "classifier" and record["score"] < threshold for record in removed)
-    assert np.mean([int(record["id"][4:]) - 1 in np.flatnonzero(labels == 0) for record in removed]) >= 0.9
+    kept = [record for path in sorted((stage / "docs").glob("*.jsonl.gz")) for record in read_shard(path)]
+    removed = [record for path in sorted((stage / "removed").glob("*.jsonl.gz")) for record in read_shard(path)]
+    line = {record["id"]: int(record["id"].rsplit(":", 1)[1]) - 1 for record in kept + removed}
+    assert [line[record["id"]] for record in kept] == [i for i in range(60) if scores[i] >= threshold]
+    assert sorted(line[record["id"]] for record in removed) == [i for i in range(60) if scores[i] < threshold]
+    for record in removed:
+        assert record["reason"] == "classifier" and record["score"] == pytest.approx(scores[line[record["id"]]],
+                                                                                      abs=1e-6)
+    assert np.mean([labels[line[record["id"]]] == 0 for record in removed]) >= 0.9
     sizes = [len(text.encode()) for text in texts]
     assert stats["documents_in"] == 60 and stats["bytes_in"] == sum(sizes)
-    assert stats["documents_out"] == len(expected_kept)
+    assert stats["documents_out"] == len(kept)
     assert stats["bytes_out"] == sum(size for size, score in zip(sizes, scores) if score >= threshold)
-    assert stats["removed"] == {"classifier": {"documents": len(removed),
-                                               "bytes": sum(size for size, s in zip(sizes, scores) if s < threshold)}}
-    assert json.loads((stage / "stats.json").read_text()) == stats
+    assert stats["removed"]["classifier"] == {"documents": len(removed),
+                                              "bytes": sum(size for size, s in zip(sizes, scores) if s < threshold)}
 
     finished = (stage / "stats.json").stat().st_mtime_ns
-    assert classifier_stage(previous, tmp_path / "curated", tmp_path / "model", threshold) == stats  # resumed
+    assert curate(threshold) == stats  # resumed: nothing redone
     assert (stage / "stats.json").stat().st_mtime_ns == finished
-    everything = classifier_stage(previous, tmp_path / "curated", tmp_path / "model", 0.0)  # other settings: redone
-    assert everything["documents_out"] == 60 and everything["removed"] == {}
+    everything = curate(0.0)  # another threshold: the stage is rebuilt
+    assert everything["documents_out"] == 60 and not everything.get("removed")
 
 
-def test_train_curate_runs_the_stage_as_the_module_does(trained, tmp_path, capsys):
-    """`python -m train.curate --stages exact,classifier --classifier DIR` keeps and removes the same documents, with
-    the same scores and counts, as `classifier_stage` on the exact stage's output."""
-    from train.curate import main
-
-    texts, _ = labelled(40, seed=7)
-    source = tmp_path / "corpus.jsonl"
-    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts + texts[:5]))  # 5 exact copies
-    trained.save(tmp_path / "model")
-    assert main([str(source), "--out", str(tmp_path / "curated"), "--stages", "exact,classifier", "--classifier",
-                 str(tmp_path / "model"), "--classifier-threshold", "0.5"]) == 0
-    assert "classifier: 40 docs" in capsys.readouterr().out
-    alone = classifier_stage(tmp_path / "curated" / "exact" / "docs", tmp_path / "alone", tmp_path / "model", 0.5)
-    ran = json.loads((tmp_path / "curated" / "classifier" / "stats.json").read_text())
-    for key in ("documents_in", "bytes_in", "documents_out", "bytes_out", "removed"):
-        assert ran[key] == alone[key], key
-    for folder in ("docs", "removed"):
-        assert (read_shard(tmp_path / "curated" / "classifier" / folder / "00000.jsonl.gz")
-                == read_shard(tmp_path / "alone" / "classifier" / folder / "00000.jsonl.gz"))
