@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -303,13 +304,28 @@ def write_hf(source: ParamSource, directory: Path, dtype: np.dtype | None, max_s
     """Write a Hugging Face folder into the existing `directory`, streaming tensors from `source`."""
     config = source.config
     mappings = hf_mappings(config)
+    dtypes = tensor_dtypes(source, mappings, dtype)
+    main_dtype = dtype if dtype is not None else source.dtype
+    write_safetensors_folder(source, directory, mappings, dtypes, hf_config(config, main_dtype), max_shard_size)
+
+
+def tensor_dtypes(source: ParamSource, mappings: Sequence[TensorMapping], dtype: np.dtype | None
+                  ) -> dict[str, np.dtype]:
+    """{their tensor name: the dtype it is written in}: `dtype`, else each parameter's own; safetensors' only."""
     dtypes = {mapping.theirs: dtype if dtype is not None else source.dtype_of(mapping.ours) for mapping in mappings}
     for name, out_dtype in dtypes.items():
         if out_dtype not in SAFETENSORS_DTYPES:
             raise ConversionError(f"cannot write tensor {name} of dtype {out_dtype} to safetensors")
+    return dtypes
+
+
+def write_safetensors_folder(source: ParamSource, directory: Path, mappings: Sequence[TensorMapping],
+                             dtypes: Mapping[str, np.dtype], config_json: Mapping[str, Any],
+                             max_shard_size: int) -> None:
+    """config.json, then safetensors files (an index when there are several) whose headers are written first and
+    whose tensors are streamed to their offsets one at a time (the causal LM and the reward model both)."""
     files = _plan_files(mappings, dtypes, max_shard_size)
-    main_dtype = dtype if dtype is not None else source.dtype
-    (directory / CONFIG_FILE).write_text(json.dumps(hf_config(config, main_dtype), indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
     if len(files) > 1:
         total = sum(layout.nbytes for layout in files)
         weight_map = {mapping.theirs: layout.name for layout in files for mapping in layout.mappings}

@@ -11,8 +11,6 @@ Tensors are streamed into files laid out up front, with `hf`'s writer pieces, in
 """
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -96,37 +94,10 @@ def save_hf_reward_model(model, path: str | Path, *, dtype: str | None = None, o
     source = _RewardSource(model)
     config_json = hf_reward_config(model.config, target if target is not None else source.dtype, pad_token_id)
     mappings = reward_mappings(model.config)
-    dtypes = {mapping.theirs: target if target is not None else source.dtype_of(mapping.ours) for mapping in mappings}
-    for name, out_dtype in dtypes.items():
-        if out_dtype not in hf.SAFETENSORS_DTYPES:
-            raise ConversionError(f"cannot write tensor {name} of dtype {out_dtype} to safetensors")
+    dtypes = hf.tensor_dtypes(source, mappings, target)
     with staged_output(path, overwrite) as staging:
-        _write_folder(source, staging, mappings, dtypes, config_json, max_shard_size)
+        hf.write_safetensors_folder(source, staging, mappings, dtypes, config_json, max_shard_size)
     return Path(path)
-
-
-def _write_folder(source: ParamSource, directory: Path, mappings: list[TensorMapping], dtypes: dict[str, np.dtype],
-                  config_json: Mapping[str, Any], max_shard_size: int) -> None:
-    """`hf.write_hf`'s layout (headers first, then each tensor streamed to its offset) for our own mappings."""
-    files = hf._plan_files(mappings, dtypes, max_shard_size)
-    (directory / hf.CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
-    if len(files) > 1:
-        weight_map = {mapping.theirs: layout.name for layout in files for mapping in layout.mappings}
-        index = {"metadata": {"total_size": sum(layout.nbytes for layout in files)}, "weight_map": weight_map}
-        (directory / hf.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    placement = {mapping.theirs: (layout, offset) for layout in files
-                 for mapping, offset in zip(layout.mappings, layout.offsets)}
-    descriptors = {layout.name: os.open(directory / layout.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                   for layout in files}
-    try:
-        for layout in files:
-            os.pwrite(descriptors[layout.name], layout.header, 0)
-        hf._stream_tensors(source, mappings, dtypes, placement, descriptors)
-        for descriptor in descriptors.values():
-            os.fsync(descriptor)
-    finally:
-        for descriptor in descriptors.values():
-            os.close(descriptor)
 
 
 # ── Reading ─────────────────────────────────────────────────────────────────────────────────────────────────────
