@@ -45,7 +45,6 @@ import dataclasses
 import fcntl
 import glob
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -388,7 +387,8 @@ class _ArrayAppender:
 
 def _encoded_batches(paths: Sequence[Path], tokenizer: Tokenizer, part: SplitPart | None,
                      text_field: str) -> Iterator[tuple[list[int], list[list[int]]]]:
-    """(source index of each document, token ids of each document), in batches the tokenizer runs on its threads."""
+    """(source index of each document, token ids of each document as an array), in batches the tokenizer runs on its
+    threads."""
     batch_sources: list[int] = []
     batch_texts: list[str] = []
     batch_chars = 0
@@ -397,10 +397,10 @@ def _encoded_batches(paths: Sequence[Path], tokenizer: Tokenizer, part: SplitPar
         batch_texts.append(text)
         batch_chars += len(text)
         if batch_chars >= _ENCODE_BATCH_CHARS:
-            yield batch_sources, tokenizer.encode_batch(batch_texts)
+            yield batch_sources, tokenizer.encode_batch_arrays(batch_texts)
             batch_sources, batch_texts, batch_chars = [], [], 0
     if batch_texts:
-        yield batch_sources, tokenizer.encode_batch(batch_texts)
+        yield batch_sources, tokenizer.encode_batch_arrays(batch_texts)
 
 
 def _write_arrays(location: _Location, paths: Sequence[Path], tokenizer: Tokenizer, part: SplitPart | None,
@@ -415,12 +415,11 @@ def _write_arrays(location: _Location, paths: Sequence[Path], tokenizer: Tokeniz
     documents_per_source = np.zeros(len(paths), np.int64)
     num_tokens = 0
     for sources, encoded in _encoded_batches(paths, tokenizer, part, text_field):
-        kept = [index for index, ids in enumerate(encoded) if ids]
+        kept = [index for index, ids in enumerate(encoded) if len(ids)]
         if not kept:
             continue
         lengths = np.array([len(encoded[index]) for index in kept], np.int64)
-        flat = itertools.chain.from_iterable(encoded[index] for index in kept)
-        tokens.append(np.fromiter(flat, np.int64, int(lengths.sum())))
+        tokens.append(np.concatenate([encoded[index] for index in kept]).astype(np.int64))
         offsets.append(num_tokens + np.cumsum(lengths))
         num_tokens += int(lengths.sum())
         np.add.at(documents_per_source, np.array([sources[index] for index in kept]), 1)

@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
+
 from llama_jax.errors import ConfigError
 from llama_jax.tokenizer import Tokenizer
 
@@ -142,7 +144,8 @@ def _bare_texts(split: FimSplit) -> tuple[str, ...]:
 
 
 class FimEncoder:
-    """What `data.build_store` asks of a tokenizer to write a store (vocab_size, encode_batch), with FIM applied."""
+    """What `data.build_store` asks of a tokenizer to write a store (vocab_size, encode_batch_arrays), with FIM
+    applied."""
 
     def __init__(self, transform: FimTransform, tokenizer: Tokenizer):
         self.transform = transform
@@ -151,6 +154,9 @@ class FimEncoder:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.transform.encode_documents(self.tokenizer, texts)
+
+    def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, np.int64) for ids in self.encode_batch(texts)]
 
 
 def fim_transform(config: RunConfig) -> FimTransform | None:

@@ -19,7 +19,6 @@ which is why it reaches into them rather than copying them.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 import shutil
@@ -161,10 +160,10 @@ class _TokenizeTask:
         handles = {name: open(staging / f"{name}.bin", "wb") for name in _PART_FILES}
         try:
             for sources, encoded in _batches(self._documents(rank, stats), tokenizer):
-                kept = [index for index, ids in enumerate(encoded) if ids]
+                kept = [index for index, ids in enumerate(encoded) if len(ids)]
                 lengths = np.array([len(encoded[index]) for index in kept], np.int64)
-                tokens = np.fromiter(itertools.chain.from_iterable(encoded[index] for index in kept), np.int64,
-                                     int(lengths.sum()))
+                tokens = (np.concatenate([encoded[index] for index in kept]) if kept
+                          else np.zeros(0, np.int64)).astype(np.int64)
                 handles["tokens"].write(tokens.astype(plan.token_dtype).tobytes())
                 handles["lengths"].write(lengths.tobytes())
                 handles["sources"].write(np.array([sources[index] for index in kept], np.int64).tobytes())
@@ -206,10 +205,10 @@ def _batches(documents: Iterator[tuple[int, str]], tokenizer: Tokenizer):
         texts.append(text)
         characters += len(text)
         if characters >= data._ENCODE_BATCH_CHARS:
-            yield sources, tokenizer.encode_batch(texts)
+            yield sources, tokenizer.encode_batch_arrays(texts)
             sources, texts, characters = [], [], 0
     if texts:
-        yield sources, tokenizer.encode_batch(texts)
+        yield sources, tokenizer.encode_batch_arrays(texts)
 
 
 class _CommitStep:

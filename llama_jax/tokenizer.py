@@ -26,8 +26,11 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
+
+import numpy as np
 
 from llama_jax.errors import TokenizerError
 
@@ -76,6 +79,11 @@ class Tokenizer(abc.ABC):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """encode() of many texts without BOS/EOS; implementations override it to use threads."""
         return [self.encode(text) for text in texts]
+
+    def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """encode_batch() as integer arrays, what a token store's writer takes (a tokenizer that can hand its ids
+        over without building Python lists overrides it)."""
+        return [np.asarray(ids, np.int64) for ids in self.encode_batch(texts)]
 
     def encode_infilling(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text without an implicit leading space (Code Llama's suffix and middle).
@@ -345,6 +353,19 @@ class Llama3Tokenizer(Tokenizer):
         # Most texts are one piece: take its list as it is (joining lists token by token costs as much as encoding).
         return [next(encoded) if len(pieces) == 1 else
                 list(itertools.chain.from_iterable(next(encoded) for _ in pieces)) for pieces in pieces_per_text]
+
+    def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """tiktoken's ids straight into numpy (no Python int per token), the pieces on a thread each."""
+        pieces_per_text = [list(_split_long_runs(text)) for text in texts]
+        flat = [piece for pieces in pieces_per_text for piece in pieces]
+
+        def encode(piece: str) -> np.ndarray:  # encode_ordinary's ids: no special token is recognised in the text
+            return self._encoding.encode_to_numpy(piece, allowed_special=set(), disallowed_special=())
+
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            encoded = iter(list(pool.map(encode, flat)))
+        return [next(encoded) if len(pieces) == 1 else np.concatenate([next(encoded) for _ in pieces])
+                for pieces in pieces_per_text]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._encoding.decode(self._check_ids(ids), errors="replace")

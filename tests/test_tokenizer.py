@@ -239,3 +239,14 @@ def test_llama3_round_trip(llama3, text):
 
 def test_llama3_encode_batch_matches_encode(llama3):
     assert llama3.encode_batch(LLAMA3_TEXTS) == [llama3.encode(text) for text in LLAMA3_TEXTS]
+
+
+def test_llama3_store_arrays_match_meta(llama3, llama3_file):
+    """The ids a token store writes (numpy, straight from tiktoken, special-token text taken as text, long runs cut)
+    are Meta's."""
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    meta = MetaTokenizer(llama3_file)
+    arrays = llama3.encode_batch_arrays(LLAMA3_TEXTS + [""])
+    assert [array.tolist() for array in arrays] == [meta.encode(text, bos=False, eos=False)
+                                                    for text in LLAMA3_TEXTS + [""]]
