@@ -279,6 +279,22 @@ def llama3_special_tokens() -> list[str]:
     return list(LLAMA3_NAMED_SPECIAL_TOKENS) + reserved
 
 
+# Python's str.isspace() code points (what `\s` matches), all below U+3001: a lookup table for `_longest_run`.
+_IS_SPACE = np.zeros(0x3001, bool)
+_IS_SPACE[[code for code in range(0x3001) if chr(code).isspace()]] = True
+
+
+def _longest_run(window: str) -> int:
+    """The longest run of whitespace or of non-whitespace characters, computed on arrays: the regex scan below costs
+    as much as tiktoken's encode on source code, and a run past the limit is rare."""
+    codes = np.frombuffer(window.encode("utf-32-le", "surrogatepass"), np.uint32)
+    space = np.zeros(codes.shape, bool)
+    low = codes < len(_IS_SPACE)
+    space[low] = _IS_SPACE[codes[low]]
+    edges = np.flatnonzero(space[1:] != space[:-1]) + 1
+    return int(np.diff(np.concatenate(([0], edges, [len(space)]))).max(initial=0))
+
+
 def _split_long_runs(text: str) -> Iterator[str]:
     """Meta's cutting rule: in each window, a run longer than the limit is cut every limit chars."""
     if len(text) <= _TIKTOKEN_MAX_RUN_CHARS:  # no run can be longer than the text: skip the scan
@@ -286,6 +302,9 @@ def _split_long_runs(text: str) -> Iterator[str]:
         return
     for window_start in range(0, len(text), _TIKTOKEN_WINDOW_CHARS):
         window = text[window_start : window_start + _TIKTOKEN_WINDOW_CHARS]
+        if _longest_run(window) <= _TIKTOKEN_MAX_RUN_CHARS:
+            yield window
+            continue
         piece_start = 0
         for run in _LONG_RUN.finditer(window):
             for cut in range(run.start() + _TIKTOKEN_MAX_RUN_CHARS, run.end(), _TIKTOKEN_MAX_RUN_CHARS):
