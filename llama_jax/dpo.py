@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.alignment import dpo_loss, next_token_targets, token_logprobs
+from llama_jax.alignment import dpo_loss, sequence_logprobs
 from llama_jax.config import DPOConfig, ModelConfig, OptimizerConfig
 from llama_jax.params import ModelOnMesh, merge_params
 from llama_jax.preference_data import EncodedPair, pad_dialogs
@@ -31,10 +31,8 @@ REFERENCE_KEYS = ("reference_chosen", "reference_rejected")
 def answer_logprobs(params: Mapping[str, Array], graphdef: object, tokens: Array, mask: Array
                     ) -> tuple[Array, Array]:
     """(Σ log p of each row's answer tokens, the number of answer tokens) [batch]."""
-    model = merge_params(graphdef, params)
-    targets, weights = next_token_targets(tokens, mask)
-    logprobs, _ = token_logprobs(model, model.hidden_states(tokens), targets)
-    return jnp.sum(logprobs * weights, axis=1), jnp.sum(weights, axis=1)
+    logprobs = sequence_logprobs(merge_params(graphdef, params), tokens, mask)
+    return logprobs, jnp.sum(mask[:, 1:], axis=1).astype(jnp.float32)  # the first token is never predicted
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -263,8 +263,3 @@ class PromptBatches:
         return {"prompt_tokens": widen(padded.tokens), "prompt_segment_ids": widen(padded.segment_ids),
                 "prompt_positions": widen(padded.positions),
                 "safety": np.repeat(safety[:, None], self.prompt_len, axis=1)}
-
-
-def policy_params(params: Mapping[str, Array]) -> dict[str, Array]:
-    """A PPO state's policy parameters (a language model's: the value head left out)."""
-    return _without_head(params)

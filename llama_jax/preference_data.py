@@ -197,12 +197,6 @@ def encode_answer(prompt: Sequence[Message], answer: str, tokenizer: ChatTokeniz
     """The prompt and `answer` rendered as SFT renders a conversation; the mask covers the answer (and its end token)
     only. Each mask marks which tokens are scored: token t counts if loss_mask[t]."""
     encoded = encode_dialog([*prompt, Message("assistant", answer)], tokenizer, style, for_generation=False)
-    return response_mask_on_tokens(encoded)
-
-
-def response_mask_on_tokens(encoded: EncodedDialog) -> EncodedDialog:
-    """`encode_dialog`'s loss_mask marks the target positions of a shifted sequence (mask[i] says whether tokens[i]
-    is trained); keep that meaning and check the answer is present."""
     if not any(encoded.loss_mask):
         raise ChatFormatError("the rendered conversation has no answer tokens")
     return encoded
@@ -237,6 +231,14 @@ def encode_pairs(pairs: Sequence[PreferencePair], tokenizer: ChatTokenizer, styl
     if not encoded:
         raise DataError(f"no preference pair fits in seq_len={seq_len} tokens")
     return encoded
+
+
+def read_encoded_pairs(sources: PathLike | Sequence[PathLike], tokenizer: ChatTokenizer, config: Any
+                       ) -> list[EncodedPair]:
+    """The pairs of `sources` rendered for a run (`config`, a RunConfig: its margin table, chat format and
+    train.seq_len): what train.reward and train.dpo read for training and for validation."""
+    return encode_pairs(read_preferences(sources, config.reward.margins), tokenizer, config.sft.format,
+                        config.train.seq_len)
 
 
 # ── Batches ──────────────────────────────────────────────────────────────────────────────────────────────────────

@@ -23,7 +23,7 @@ from llama_jax.dpo import DPOTrainer, precompute_reference
 from llama_jax.errors import ConfigError
 from llama_jax.metrics import StartClock
 from llama_jax.params import model_params
-from llama_jax.preference_data import PairBatches, encode_pairs, global_pair_batch, read_preferences
+from llama_jax.preference_data import PairBatches, global_pair_batch, read_encoded_pairs
 from llama_jax.run_loop import (
     keep_tokenizer,
     load_fine_tuning_base,
@@ -58,8 +58,7 @@ def main(argv: Sequence[str]) -> int:
             raise ConfigError(f"dpo.reference={config.dpo.reference} is not the same architecture as init_from="
                               f"{config.init_from}")
         reference_params = model_params(reference)
-    pairs = encode_pairs(read_preferences(config.data.path, config.reward.margins), tokenizer, config.sft.format,
-                         seq_len)
+    pairs = read_encoded_pairs(config.data.path, tokenizer, config)
     batch_size = config.train.batch_size
     clock.mark("data")
     steps = config.train.steps
@@ -77,8 +76,7 @@ def main(argv: Sequence[str]) -> int:
     batches = PairBatches(pairs, seq_len, batch_size, tokenizer.pad_id, config.seed)
     eval_batches = None
     if config.data.valid_path is not None:
-        valid_pairs = encode_pairs(read_preferences(config.data.valid_path, config.reward.margins), tokenizer,
-                                   config.sft.format, seq_len)
+        valid_pairs = read_encoded_pairs(config.data.valid_path, tokenizer, config)
         if precomputed:
             raise ConfigError("data.valid_path with dpo.precompute_reference=true is not supported: the validation "
                               "loss needs the reference model")

@@ -21,7 +21,7 @@ import jax
 from llama_jax.cli import run_program
 from llama_jax.metrics import StartClock
 from llama_jax.params import model_params
-from llama_jax.preference_data import PairBatches, encode_pairs, global_pair_batch, read_preferences
+from llama_jax.preference_data import PairBatches, global_pair_batch, read_encoded_pairs
 from llama_jax.reward_model import RewardTrainer, reward_params_from_policy
 from llama_jax.run_loop import (
     keep_tokenizer,
@@ -48,8 +48,7 @@ def main(argv: Sequence[str]) -> int:
         config, init_from="the pretrained or SFT checkpoint the reward model starts from",
         data="preference pairs (JSONL with prompt, chosen, rejected)", seq_len=seq_len)
     pretrained, tokenizer, model_config = base.model, base.tokenizer, base.model_config
-    margins = config.reward.margins
-    pairs = encode_pairs(read_preferences(config.data.path, margins), tokenizer, config.sft.format, seq_len)
+    pairs = read_encoded_pairs(config.data.path, tokenizer, config)
     batches = PairBatches(pairs, seq_len, config.train.batch_size, tokenizer.pad_id, config.seed)
     clock.mark("data")
     steps = config.train.steps
@@ -64,9 +63,8 @@ def main(argv: Sequence[str]) -> int:
     del pretrained
     eval_batches = None
     if config.data.valid_path is not None:
-        valid = PairBatches(encode_pairs(read_preferences(config.data.valid_path, margins), tokenizer,
-                                         config.sft.format, seq_len),
-                            seq_len, config.train.batch_size, tokenizer.pad_id, config.seed)
+        valid = PairBatches(read_encoded_pairs(config.data.valid_path, tokenizer, config), seq_len,
+                            config.train.batch_size, tokenizer.pad_id, config.seed)
         eval_batches = lambda index: global_pair_batch(trainer, valid, index)  # noqa: E731
     write_run_config(config, run_dir)
     keep_tokenizer(tokenizer, run_dir)
